@@ -1,0 +1,95 @@
+"""The `mmalign` command: a thin layer over library functions users can also call from Python.
+
+Each subcommand lives in the package that owns its capability and exposes two functions:
+`add_arguments(parser)` and `run(args) -> int`. This file only wires them together, so importing it stays
+cheap (heavy imports happen inside `run`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    name: str
+    help: str
+    module: str | None  # "package.module" exposing add_arguments/run; None = not built yet
+    missing: str = ""  # what is not built yet, shown when module is None
+
+
+SUBCOMMANDS: tuple[Subcommand, ...] = (
+    Subcommand("train", "train a model with a preference recipe (CONFIG + key=value overrides)", "mmalign.train.cli"),
+    Subcommand("score", "score shards with reward models", None,
+               "batch scoring of shards with reward models (mmalign.rewards)"),
+    Subcommand("guide", "sample with inference-time reward guidance", None,
+               "inference-time reward guidance (mmalign.guidance)"),
+    Subcommand("selfgen", "generate preference data with the model itself (STIC, BDHS, ranked sets)", None,
+               "self-generated preference data (mmalign.selfgen)"),
+    Subcommand("shards", "convert, validate and inspect webdataset shards", "mmalign.data.cli"),
+    Subcommand("eval", "evaluate reward models and aligned models", None,
+               "evaluation of reward models and aligned models (mmalign.rewards / mmalign.toy)"),
+    Subcommand("quickstart", "prove alignment end to end on the toy world (the first command to run)",
+               "mmalign.quickstart"),
+    Subcommand("bench", "run a benchmark and print ratios against a baseline measured in the same run", None,
+               "benchmarks through the CLI (scripts/bench/*.py run directly today)"),
+)
+
+
+def _load(sub: Subcommand):
+    if sub.module is None:
+        return None
+    try:
+        return importlib.import_module(sub.module)
+    except ModuleNotFoundError as err:
+        # Only "the module itself is absent" means not built; a missing dependency inside it is a real error.
+        if err.name == sub.module or sub.module.startswith(f"{err.name}."):
+            return None
+        raise
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mmalign",
+        description="Align generative and vision-language models with preferences.",
+    )
+    from mmalign import __version__
+
+    parser.add_argument("--version", action="version", version=f"mmalign {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for sub in SUBCOMMANDS:
+        sp = subparsers.add_parser(sub.name, help=sub.help, description=sub.help)
+        module = _load(sub)
+        if module is None:
+            sp.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+            sp.set_defaults(_missing=sub.missing or sub.help)
+        else:
+            module.add_arguments(sp)
+            sp.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # `key=value` overrides may come after options (`train cfg.yaml --print-config optim.lr=1e-5`).
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command is None:
+        parser.print_help()
+        return 2
+    missing = getattr(args, "_missing", None)
+    if missing is not None:
+        print(f"mmalign {args.command}: not built yet: {missing}.", file=sys.stderr)
+        return 2
+    return int(args._run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""Typed configs: YAML files plus `key=value` command-line overrides, validated by pydantic.
+
+Every config class derives from `StrictModel`, which forbids unknown keys. Errors are raised as `ConfigError`
+with one line per problem naming the dotted key and where it came from (the YAML file or the command line), and
+saying what would be valid.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+T = TypeVar("T", bound=BaseModel)
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads `1e-5` as a float (YAML 1.1 wants `1.0e-5`; every ML config writes `1e-5`)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                   |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                   |\.[0-9_]+(?:[eE][-+][0-9]+)?
+                   |[-+]?\.(?:inf|Inf|INF)
+                   |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text: str):
+    return yaml.load(text, Loader=_Loader)
+
+
+class StrictModel(BaseModel):
+    """Base for every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class ConfigError(ValueError):
+    """A config could not be loaded; the message names each bad key and its source."""
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`optim.lr=1e-5` -> (["optim", "lr"], 1e-05). Values are parsed as YAML scalars/lists."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"command line: override {text!r} is not of the form dotted.key=value")
+    try:
+        value = yaml_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"command line: value of override {key!r} is not valid YAML: {err}") from err
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> tuple[dict[str, Any], set[str]]:
+    """Returns a new dict with the overrides set, and the dotted keys they touched."""
+    data = copy.deepcopy(data)
+    touched: set[str] = set()
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                where = ".".join(parts[: i + 1])
+                raise ConfigError(f"command line: cannot set {'.'.join(parts)!r}: {where!r} is not a section")
+            node = child
+        node[parts[-1]] = value
+        touched.add(".".join(parts))
+    return data, touched
+
+
+def _format_errors(err: ValidationError, source: str, touched: set[str]) -> str:
+    lines = []
+    for item in err.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "<top level>"
+        where = "command line" if any(key == t or key.startswith(t + ".") for t in touched) else source
+        kind = item["type"]
+        if kind == "extra_forbidden":
+            lines.append(f"{where}: unknown key {key!r}")
+        elif kind == "missing":
+            lines.append(f"{where}: missing required key {key!r}")
+        else:
+            got = item.get("input")
+            lines.append(f"{where}: key {key!r}: {item['msg']} (got {got!r})")
+    return "\n".join(lines)
+
+
+def validate_config(cls: type[T], data: dict[str, Any], source: str = "<config>",
+                    touched: set[str] | None = None) -> T:
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source, touched or set())) from None
+
+
+def load_config(cls: type[T], path: str | os.PathLike | None, overrides: Iterable[str] = ()) -> T:
+    """Load `path` (or start from defaults when None), apply overrides, validate into `cls`."""
+    data = load_yaml(path) if path is not None else {}
+    data, touched = apply_overrides(data, overrides)
+    return validate_config(cls, data, str(path) if path is not None else "<defaults>", touched)
+
+
+def config_to_yaml(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write via a temporary file in the same folder, then rename: a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_resolved_config(cfg: BaseModel, run_dir: str | os.PathLike) -> Path:
+    """Write the fully resolved config (defaults filled in) as `config.yaml` in the run folder."""
+    out = Path(run_dir) / "config.yaml"
+    atomic_write_text(out, config_to_yaml(cfg))
+    return out

@@ -1,0 +1,67 @@
+"""Atomic checkpoints: written under a temporary name and renamed, so a crash or a full disk mid-save leaves the
+previous checkpoint intact and never a half checkpoint that looks whole."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Callable
+
+_STEP = re.compile(r"^step-(\d+)$")
+STATE_FILE = "trainer_state.json"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints (those with a trainer_state.json), oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := _STEP.match(p.name)) and (p / STATE_FILE).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def resolve_resume(run_dir: str | Path, resume: str | None) -> Path | None:
+    if resume is None:
+        return None
+    if resume == "latest":
+        found = list_checkpoints(run_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / STATE_FILE).is_file():
+        raise FileNotFoundError(f"run.resume {resume}: not a checkpoint folder (no {STATE_FILE}); use 'latest' "
+                                f"or a path like {Path(run_dir) / 'checkpoints' / 'step-100'}")
+    return path
+
+
+def save_checkpoint(run_dir: str | Path, step: int, write: Callable[[Path], None], state: dict,
+                    total_limit: int | None = None) -> Path:
+    """`write(tmp_dir)` fills a temporary folder; then the trainer state is written and the folder renamed.
+
+    Older checkpoints beyond `total_limit` are pruned only after the new one is complete.
+    """
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step}"
+    tmp = root / f".tmp-step-{step}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        write(tmp)
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if total_limit is not None:
+        for old in list_checkpoints(run_dir)[:-total_limit]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def read_state(checkpoint: Path) -> dict:
+    return json.loads((Path(checkpoint) / STATE_FILE).read_text())

@@ -1,0 +1,38 @@
+"""`mmalign train CONFIG [key=value ...]`: load a recipe, apply overrides, train."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML recipe (see configs/)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="dotted overrides, e.g. optim.lr=1e-5 train.max_steps=10")
+    parser.add_argument("--cache-only", action="store_true",
+                        help="encode the shards into the latent/text-embedding cache at data.cache and exit")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+
+def run(args: argparse.Namespace) -> int:
+    from mmalign.config import ConfigError, config_to_yaml, load_config
+    from mmalign.train.config import TrainConfig
+
+    try:
+        cfg = load_config(TrainConfig, args.config, args.overrides)
+    except ConfigError as err:
+        print(f"mmalign train: invalid config:\n{err}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(config_to_yaml(cfg), end="")
+        return 0
+    from mmalign.train.trainer import train
+
+    if args.cache_only:
+        from mmalign.train.trainer import build_cache
+
+        build_cache(cfg)
+        return 0
+    train(cfg)
+    return 0

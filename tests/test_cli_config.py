@@ -1,0 +1,117 @@
+"""The `mmalign` command and typed configs: help, unbuilt subcommands, config errors named by key and file."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mmalign.cli import SUBCOMMANDS, main
+from mmalign.config import ConfigError, apply_overrides, load_config, write_resolved_config
+from mmalign.train.config import TrainConfig
+
+MINIMAL = {
+    "model": {"pretrained": "some/model"},
+    "data": {"shards": "data/pairs", "resolution": 32},
+    "train": {"max_steps": 3},
+}
+
+
+def write(tmp_path: Path, data: dict, name: str = "cfg.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_help_lists_every_subcommand(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for name in ["train", "score", "guide", "selfgen", "shards", "eval", "quickstart", "bench"]:
+        assert name in out
+
+
+def test_console_script_help_runs_in_a_fresh_process():
+    proc = subprocess.run([sys.executable, "-m", "mmalign.cli", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "quickstart" in proc.stdout
+
+
+@pytest.mark.parametrize("sub", [s for s in SUBCOMMANDS if s.module is None], ids=lambda s: s.name)
+def test_unbuilt_subcommands_say_what_is_missing_and_exit_2(sub, capsys):
+    assert main([sub.name]) == 2
+    err = capsys.readouterr().err
+    assert "not built yet" in err and sub.missing in err
+
+
+def test_overrides_parse_yaml_scalars_and_make_sections():
+    data, touched = apply_overrides({"optim": {"lr": 1.0}}, ["optim.lr=1e-5", "train.max_steps=7", "a.b.c=[1, 2]"])
+    assert data["optim"]["lr"] == 1e-5 and data["train"]["max_steps"] == 7 and data["a"]["b"]["c"] == [1, 2]
+    assert touched == {"optim.lr", "train.max_steps", "a.b.c"}
+
+
+def test_load_config_applies_overrides_and_defaults(tmp_path):
+    cfg = load_config(TrainConfig, write(tmp_path, MINIMAL), ["optim.lr=1e-5", "method.name=mapo"])
+    assert cfg.optim.lr == 1e-5 and cfg.method.name == "mapo" and cfg.method.resolved_beta() == 0.1
+    assert cfg.train.max_steps == 3 and cfg.run.seed == 0
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(TrainConfig, write(tmp_path, MINIMAL), ["data.schema=pair", "method.beta=2500"])
+    path = write_resolved_config(cfg, tmp_path / "run")
+    again = load_config(TrainConfig, path)
+    assert again == cfg
+    assert yaml.safe_load(path.read_text())["data"]["schema"] == "pair"
+
+
+@pytest.mark.parametrize(
+    "mutate, overrides, expected",
+    [
+        (lambda d: d["train"].update(max_stepz=3), [], "unknown key 'train.max_stepz'"),
+        (lambda d: d["data"].pop("shards"), [], "missing required key 'data.shards'"),
+        (lambda d: d["train"].update(max_steps="many"), [], "key 'train.max_steps'"),
+        (lambda d: None, ["optim.lrr=1"], "command line: unknown key 'optim.lrr'"),
+        (lambda d: None, ["optim.lr=abc"], "command line: key 'optim.lr'"),
+        (lambda d: None, ["method.loss_type=sigmoidd"], "loss_type 'sigmoidd' is not one of"),
+        (lambda d: None, ["data.resolution=30"], "not a multiple of 8"),
+        (lambda d: None, ["method.name=rankdpo"], "needs data.schema 'ranked'"),
+    ],
+)
+def test_config_errors_name_the_key_and_the_file(tmp_path, mutate, overrides, expected):
+    data = yaml.safe_load(yaml.safe_dump(MINIMAL))
+    mutate(data)
+    path = write(tmp_path, data)
+    with pytest.raises(ConfigError) as exc:
+        load_config(TrainConfig, path, overrides)
+    assert expected in str(exc.value)
+    if not overrides:
+        assert str(path) in str(exc.value)
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ([], "unknown key 'train.max_stepz'"),
+    (["optim.lr=abc"], "key 'optim.lr'"),
+])
+def test_config_errors_through_the_cli(tmp_path, capsys, overrides, expected):
+    data = yaml.safe_load(yaml.safe_dump(MINIMAL))
+    if not overrides:
+        data["train"]["max_stepz"] = 1
+    path = write(tmp_path, data)
+    assert main(["train", str(path), *overrides]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "invalid config" in err
+    assert (str(path) in err) or ("command line" in err)
+
+
+def test_cli_print_config(tmp_path, capsys):
+    path = write(tmp_path, MINIMAL)
+    assert main(["train", str(path), "--print-config", "optim.lr=2e-6"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["optim"]["lr"] == 2e-6 and printed["method"]["name"] == "dpo"
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path, capsys):
+    assert main(["train", str(tmp_path / "nope.yaml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
