@@ -1,0 +1,71 @@
+"""The toy world: synthetic scenes with known ground-truth rewards and a simulated annotator.
+
+`scenes` defines the 32x32 scene contract and captions, `rewards` the ground-truth (and differentiable) rewards,
+`annotator` the Bradley-Terry / Plackett-Luce simulated annotator.
+"""
+
+from mmalign.toy.annotator import agreement, expected_agreement, label_pairs, preference_probability, rank
+from mmalign.toy.rewards import (
+    classify_shape,
+    color_adherence,
+    color_adherence_torch,
+    foreground_mask,
+    position_adherence,
+    reward_components,
+    shape_adherence,
+    shape_scores,
+    to_uint8_images,
+    total_reward,
+)
+from mmalign.toy.scenes import (
+    BACKGROUND,
+    CAPTION_TEMPLATE,
+    COLORS,
+    IMAGE_SIZE,
+    PALETTE,
+    POSITION_BANDS,
+    POSITIONS,
+    SHAPES,
+    Scene,
+    all_prompts,
+    noisy_caption,
+    parse_caption,
+    prompt_seed_pairs,
+    sample_scene,
+    sample_scenes,
+    save_scene_grid,
+)
+
+__all__ = [
+    "BACKGROUND",
+    "CAPTION_TEMPLATE",
+    "COLORS",
+    "IMAGE_SIZE",
+    "PALETTE",
+    "POSITION_BANDS",
+    "POSITIONS",
+    "SHAPES",
+    "Scene",
+    "agreement",
+    "all_prompts",
+    "classify_shape",
+    "color_adherence",
+    "color_adherence_torch",
+    "expected_agreement",
+    "foreground_mask",
+    "label_pairs",
+    "noisy_caption",
+    "parse_caption",
+    "position_adherence",
+    "preference_probability",
+    "prompt_seed_pairs",
+    "rank",
+    "reward_components",
+    "sample_scene",
+    "sample_scenes",
+    "save_scene_grid",
+    "shape_adherence",
+    "shape_scores",
+    "to_uint8_images",
+    "total_reward",
+]
