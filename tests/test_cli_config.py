@@ -115,3 +115,8 @@ def test_cli_print_config(tmp_path, capsys):
 def test_missing_config_file_is_a_clear_error(tmp_path, capsys):
     assert main(["train", str(tmp_path / "nope.yaml")]) == 2
     assert "config file not found" in capsys.readouterr().err
+
+
+def test_cache_only_says_it_is_not_built(tmp_path, capsys):
+    assert main(["train", str(write(tmp_path, MINIMAL)), "--cache-only"]) == 2
+    assert "not built yet" in capsys.readouterr().err

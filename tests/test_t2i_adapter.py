@@ -31,7 +31,7 @@ def pair_batch(b=2, res=32, seed=0):
         "captions": ["a red circle on the left", "a blue square on the right", "a green triangle", "x"][:b],
         "original_sizes": torch.tensor([[res, res]] * b),
         "crop_top_lefts": torch.zeros(b, 2, dtype=torch.long),
-        "num_groups": b,
+        "keys": [f"k{i}" for i in range(b)],
     }
 
 

@@ -27,12 +27,11 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(config_to_yaml(cfg), end="")
         return 0
+    if args.cache_only:
+        print("mmalign train --cache-only: not built yet: the latent + text-embedding cache for training",
+              file=sys.stderr)
+        return 2
     from mmalign.train.trainer import train
 
-    if args.cache_only:
-        from mmalign.train.trainer import build_cache
-
-        build_cache(cfg)
-        return 0
     train(cfg)
     return 0

@@ -209,8 +209,20 @@ def _check_run_dir(cfg: TrainConfig, run_dir: Path) -> None:
                             "choose another run.output_dir, or set run.overwrite=true")
 
 
-def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run a recipe; returns a summary (final step, last metrics, output paths)."""
+@dataclass
+class TrainResult:
+    global_step: int
+    metrics: dict[str, float]  # the last logged row
+    run_dir: str
+    outputs: dict[str, str]  # "unet" / "lora" / "grid" -> path
+    skipped_samples: int
+    nonfinite_steps: int
+    unet: torch.nn.Module  # the trained (unwrapped) UNet of this process
+    keys_seen: list[str]  # sample keys this process consumed, in order
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Run a recipe (the library entry point behind `mmalign train`)."""
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
@@ -266,9 +278,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     last_metrics: dict[str, float] = {}
     window_samples, window_start = 0, time.perf_counter()
     micro_in_step = 0
-    accum = cfg.train.gradient_accumulation_steps
+    keys_seen: list[str] = []
     while state.global_step < cfg.train.max_steps:
         batch = next(batches)
+        keys_seen.extend(batch.get("keys", []))
         state.micro_step += 1
         state.skipped_samples += int(batch.get("skipped", 0))
         gen = step_generator(cfg.run.seed, state.global_step, micro_in_step, accelerator.process_index)
@@ -288,7 +301,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     optimizer.step()
                     lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-        window_samples += int(batch["num_groups"]) * accelerator.num_processes
+        window_samples += len(batch["keys"]) * accelerator.num_processes
         if not all_finite:
             state.nonfinite_steps += 1
             state.consecutive_nonfinite += 1
@@ -335,8 +348,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         outputs["grid"] = run_validation(cfg, adapter, unwrapped, run_dir, state.global_step, accelerator, logger)
     logger.close()
     accelerator.wait_for_everyone()
-    return {"global_step": state.global_step, "metrics": last_metrics, "run_dir": str(run_dir),
-            "skipped_samples": state.skipped_samples, "nonfinite_steps": state.nonfinite_steps, **outputs}
+    return TrainResult(state.global_step, last_metrics, str(run_dir), outputs, state.skipped_samples,
+                       state.nonfinite_steps, unwrapped, keys_seen)
 
 
 def save_training_checkpoint(cfg: TrainConfig, accelerator, run_dir: Path, state: TrainState) -> None:

@@ -1,0 +1,168 @@
+"""Collators: samples of one reader -> one batch. Pass them as `collate_fn` to a DataLoader.
+
+The pair convention shared by every loss: a pair batch is `[winners; losers]` along dim 0, so rows 0..B-1 are
+the preferred items and rows B..2B-1 their rejected partners (row i and row B+i are one pair, with one transform).
+
+Every batch also carries:
+- `keys`, `shards`: where each sample came from;
+- `skipped` (int), `skip_reasons` ({stage: count}): bad samples the worker skipped just before this batch's
+  samples (summing them over batches counts every skip, whichever worker made it);
+- `cursor`: the read position for `DataCursor` (exact resume).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import torch
+
+VIDEO_LABEL_VALUES = {"A": 1.0, "B": 0.0, "same": 0.5}
+
+
+def _common(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    if not samples:
+        raise ValueError("cannot collate an empty list of samples")
+    reasons: Counter = Counter()
+    for s in samples:
+        reasons.update(s.get("__skip_reasons__") or {})
+    first = samples[0]
+    workers = {str(s["__worker__"]): [s["__pos__"], s["__yielded__"]] for s in samples}
+    cursor = {"epoch": first["__epoch__"], "seed": first["__seed__"], "rank": first["__rank__"],
+              "world_size": first["__world_size__"], "num_workers": first["__num_workers__"], "workers": workers,
+              "last_worker": samples[-1]["__worker__"]}
+    return {"keys": [s["__key__"] for s in samples], "shards": [s["__shard__"] for s in samples],
+            "skipped": sum(s.get("__skipped__", 0) for s in samples), "skip_reasons": dict(reasons),
+            "cursor": cursor}
+
+
+def _stack(values: list[Any]):
+    """Stack arrays / tensors (or dicts of them) along a new batch dim; a list when shapes differ."""
+    if isinstance(values[0], dict):
+        return {k: _stack([v[k] for v in values]) for k in values[0]}
+    tensors = [torch.as_tensor(v) for v in values]
+    if all(t.shape == tensors[0].shape for t in tensors):
+        return torch.stack(tensors)
+    return tensors
+
+
+def _cache(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    if "cache" not in samples[0]:
+        return {}
+    return {"cache": {name: _stack([s["cache"][name] for s in samples]) for name in samples[0]["cache"]}}
+
+
+def collate_pairs(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """`PairDataset` samples -> a pair batch.
+
+    Returns `{"pixel_values": (2B,3,H,W) float in [-1, 1] as [winners; losers], "captions": list[str] (B),
+    "original_sizes": (B,2) long (h, w) of the winner, "crop_top_lefts": (B,2) long (top, left),
+    "label": (B,) float (1.0 = row i preferred to row B+i, 0.5 = tie, present only with ties="keep"),
+    "winner_index": (B,) long (which stored image is in the winner row: reorder per-image caches with
+    `winners_losers`), "provenance", "keys", "shards", "skipped", "skip_reasons", "cursor"}`.
+    Without transforms, `"images"` (stored order, PIL) replaces the pixel entries.
+    """
+    batch = _common(samples)
+    batch["captions"] = [s["caption"] for s in samples]
+    batch["label"] = torch.tensor([s["label"] for s in samples], dtype=torch.float32)
+    batch["winner_index"] = torch.tensor([s["winner_index"] for s in samples], dtype=torch.long)
+    batch["provenance"] = [s["provenance"] for s in samples]
+    if "pixel_values" in samples[0]:
+        pv = torch.stack([s["pixel_values"] for s in samples])  # (B, 2, 3, H, W)
+        batch["pixel_values"] = torch.cat([pv[:, 0], pv[:, 1]], dim=0)
+        batch["original_sizes"] = torch.tensor([s["original_size"] for s in samples], dtype=torch.long)
+        batch["crop_top_lefts"] = torch.tensor([s["crop_top_left"] for s in samples], dtype=torch.long)
+    elif "images" in samples[0]:
+        batch["images"] = [s["images"] for s in samples]
+        batch["label_0"] = torch.tensor([s["label_0"] for s in samples], dtype=torch.float32)
+    batch.update(_cache(samples))
+    return batch
+
+
+def winners_losers(per_image: torch.Tensor, winner_index: torch.Tensor) -> torch.Tensor:
+    """(B, 2, ...) values in stored image order (e.g. cached latents) -> (2B, ...) as [winners; losers]."""
+    rows = torch.arange(per_image.shape[0])
+    return torch.cat([per_image[rows, winner_index], per_image[rows, 1 - winner_index]], dim=0)
+
+
+def collate_ranked(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """`RankedDataset` samples -> `{"pixel_values": (B,K,3,H,W), "scores": (B,K) (higher is better),
+    "captions", "scorers", "original_sizes": (B,2), "crop_top_lefts": (B,2), ...}`. All samples need the same K."""
+    batch = _common(samples)
+    ks = {len(s["scores"]) for s in samples}
+    if len(ks) != 1:
+        raise ValueError(f"ranked samples in one batch must have the same number of images K, got {sorted(ks)} "
+                         f"(keys {batch['keys']}); write one shard set per K or batch by K")
+    batch["captions"] = [s["caption"] for s in samples]
+    batch["scores"] = torch.stack([s["scores"] for s in samples])
+    batch["scorers"] = [s["scorers"] for s in samples]
+    batch["provenance"] = [s["provenance"] for s in samples]
+    if "pixel_values" in samples[0]:
+        batch["pixel_values"] = torch.stack([s["pixel_values"] for s in samples])
+        batch["original_sizes"] = torch.tensor([s["original_size"] for s in samples], dtype=torch.long)
+        batch["crop_top_lefts"] = torch.tensor([s["crop_top_left"] for s in samples], dtype=torch.long)
+    elif "images" in samples[0]:
+        batch["images"] = [s["images"] for s in samples]
+    batch.update(_cache(samples))
+    return batch
+
+
+def collate_video_pairs(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """`VideoPairDataset` samples -> `{"prompts", "labels": {dim: (B,) float P(A preferred): A=1, B=0, same=0.5},
+    "fps": (B,2) float (a, b), "num_frames": (B,2) long, "videos_a"/"videos_b" (mp4 bytes) or
+    "frames_a"/"frames_b" (lists of (T,H,W,3) uint8: T may differ), ...}`."""
+    batch = _common(samples)
+    batch["prompts"] = [s["prompt"] for s in samples]
+    dims = list(samples[0]["labels"])
+    batch["labels"] = {d: torch.tensor([VIDEO_LABEL_VALUES[s["labels"][d]] for s in samples]) for d in dims}
+    batch["fps"] = torch.tensor([s["fps"] for s in samples], dtype=torch.float32)
+    batch["num_frames"] = torch.tensor([s["num_frames"] for s in samples], dtype=torch.long)
+    batch["provenance"] = [s["provenance"] for s in samples]
+    for side in ("a", "b"):
+        if f"frames_{side}" in samples[0]:
+            batch[f"frames_{side}"] = [s[f"frames_{side}"] for s in samples]
+        else:
+            batch[f"videos_{side}"] = [s[f"video_{side}"] for s in samples]
+    batch.update(_cache(samples))
+    return batch
+
+
+def collate_vlm_pairs(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """`VLMPairDataset` samples -> lists: `{"images", "rejected_images", "prompts" (chat turns), "chosen",
+    "rejected", "provenance", ...}`. Tokenisation and image processing belong to the model's processor."""
+    batch = _common(samples)
+    for name, field in (("prompts", "prompt"), ("chosen", "chosen"), ("rejected", "rejected"),
+                        ("provenance", "provenance")):
+        batch[name] = [s[field] for s in samples]
+    if "images" in samples[0]:
+        batch["images"] = [s["images"] for s in samples]
+        batch["rejected_images"] = [s["rejected_images"] for s in samples]
+    batch.update(_cache(samples))
+    return batch
+
+
+def collate_music_pairs(samples: list[dict[str, Any]], pad_value: int = 0) -> dict[str, Any]:
+    """`MusicPairDataset` samples -> `{"codes": (2B,K,T) long as [chosen; rejected], right-padded with
+    `pad_value`, "codes_mask": (2B,T) bool (True = real frame), "lengths": (2B,), "prompts", "chosen_audio",
+    "rejected_audio", ...}`. Use functools.partial to set pad_value (e.g. the model's pad token id)."""
+    batch = _common(samples)
+    codes = [s["chosen_codes"] for s in samples] + [s["rejected_codes"] for s in samples]
+    ks = {c.shape[0] for c in codes}
+    if len(ks) != 1:
+        raise ValueError(f"music samples in one batch must share the codebook count K, got {sorted(ks)}")
+    t_max = max(c.shape[1] for c in codes)
+    out = torch.full((len(codes), ks.pop(), t_max), pad_value, dtype=torch.long)
+    mask = torch.zeros((len(codes), t_max), dtype=torch.bool)
+    for i, c in enumerate(codes):
+        out[i, :, : c.shape[1]] = c
+        mask[i, : c.shape[1]] = True
+    batch.update(codes=out, codes_mask=mask, lengths=mask.sum(1), prompts=[s["prompt"] for s in samples],
+                 chosen_audio=[s["chosen_audio"] for s in samples],
+                 rejected_audio=[s["rejected_audio"] for s in samples],
+                 provenance=[s["provenance"] for s in samples])
+    batch.update(_cache(samples))
+    return batch
+
+
+COLLATORS = {"pair": collate_pairs, "ranked": collate_ranked, "video_pair": collate_video_pairs,
+             "vlm_pair": collate_vlm_pairs, "music_pair": collate_music_pairs}

@@ -1,0 +1,481 @@
+"""Sample schemas: what one sample of each kind holds inside a shard, how it is built and how it is checked.
+
+A sample is the group of tar members sharing one key (`KEY.json`, `KEY.0.jpg`, ...). webdataset splits a member
+name at the first dot, so keys never contain dots; the rest of the name (`0.jpg`) is the member's *suffix*.
+
+| schema | version | members |
+|---|---|---|
+| `pair` | 1 | `json`, `0.<img>`, `1.<img>` |
+| `ranked` | 1 | `json`, `0.<img>` ... `<K-1>.<img>` (K >= 2) |
+| `video_pair` | 1 | `json`, `a.mp4`, `b.mp4` |
+| `vlm_pair` | 1 | `json`, `0.<img>` ... (>= 1), optional `rejected.0.<img>` ... |
+| `music_pair` | 1 | `json`, `chosen.npy`, `rejected.npy`, optional `chosen.<audio>`, `rejected.<audio>` |
+
+`<img>` is the real format of the stored bytes (`jpg`, `png`, `webp`, ...), found from the bytes, never re-encoded.
+The field-by-field description lives in `docs/data.md`; the pydantic models below are its executable form.
+Nothing here decodes pixels: `check_sample` only parses JSON and member names; decoding is the reader's and the
+validator's job (`decode_media`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+SCHEMA_VERSIONS: dict[str, int] = {"pair": 1, "ranked": 1, "video_pair": 1, "vlm_pair": 1, "music_pair": 1}
+
+# PIL format name -> member extension. MPO is the multi-picture JPEG some cameras write.
+IMAGE_FORMATS: dict[str, str] = {
+    "JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff",
+}
+IMAGE_EXTS: tuple[str, ...] = ("jpg", "png", "webp", "gif", "bmp", "tiff")
+AUDIO_EXTS: tuple[str, ...] = ("wav", "flac", "mp3", "ogg")
+VIDEO_DIMENSIONS: tuple[str, ...] = ("VQ", "MQ", "TA")
+
+_KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+MAX_KEY_LEN = 200
+
+
+class SampleError(ValueError):
+    """One sample does not match its schema. `reason` says what is wrong and what would be valid."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+# --------------------------------------------------------------------------------------------------------------
+# keys
+
+
+def check_key(key: str) -> str:
+    """Return `key` if it is a valid sample key: 1-200 characters from [A-Za-z0-9_-] (no dots, no slashes)."""
+    if not isinstance(key, str) or not _KEY_RE.match(key) or len(key) > MAX_KEY_LEN:
+        raise SampleError(
+            f"invalid sample key {key!r}: keys are 1-{MAX_KEY_LEN} characters from [A-Za-z0-9_-] "
+            "(no dots: webdataset splits member names at the first dot); use sanitize_key()"
+        )
+    return key
+
+
+def sanitize_key(text: str, max_len: int = 80) -> str:
+    """Map any text to a key fragment: characters outside [A-Za-z0-9_] become `_`, cut to `max_len`.
+
+    `-` is mapped too, so that `-` can serve as a separator that sorts before every other key character:
+    `f"{sanitize_key(a)}-{i:09d}"` then sorts like `(a, i)`.
+    """
+    out = re.sub(r"[^A-Za-z0-9_]", "_", str(text))[:max_len]
+    return out or "_"
+
+
+def split_member(name: str) -> tuple[str | None, str | None]:
+    """`"abc.0.jpg"` -> `("abc", "0.jpg")`, split at the first dot as webdataset does; `(None, None)` if no dot."""
+    base, dot, suffix = name.partition(".")
+    if not dot or not base or not suffix:
+        return None, None
+    return base, suffix.lower()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# media helpers
+
+
+def image_extension(data: bytes) -> str:
+    """The member extension for encoded image bytes, found from the header (the pixels are not decoded)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            fmt = im.format
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise SampleError(f"not a readable image ({len(data)} bytes): {err}") from None
+    ext = IMAGE_FORMATS.get(fmt or "")
+    if ext is None:
+        raise SampleError(f"unsupported image format {fmt!r}; supported: {sorted(IMAGE_FORMATS)}")
+    return ext
+
+
+def encode_image(image: Any) -> tuple[bytes, str]:
+    """Bytes are kept as they are (format found from the header); a PIL image or a uint8 HxWx3 array is PNG-encoded
+    losslessly. Returns `(bytes, extension)`."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        data = bytes(image)
+        return data, image_extension(data)
+    from PIL import Image
+
+    if not isinstance(image, Image.Image):
+        import numpy as np
+
+        arr = np.asarray(image)
+        if arr.dtype != np.uint8 or arr.ndim not in (2, 3):
+            raise SampleError(f"image arrays must be uint8 HxW or HxWxC, got {arr.dtype} {arr.shape}")
+        image = Image.fromarray(arr)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue(), "png"
+
+
+def npy_bytes(array: Any) -> bytes:
+    import numpy as np
+
+    arr = np.asarray(array)
+    if arr.dtype == object:
+        raise SampleError("object arrays cannot be stored (they would need pickle)")
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+def load_npy(data: bytes):
+    """Decode `.npy` bytes; pickled (object) arrays are refused."""
+    import numpy as np
+
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except ValueError as err:
+        raise SampleError(f"npy: {err}") from None
+    except Exception as err:  # truncated headers raise a variety of errors
+        raise SampleError(f"npy: not a valid .npy array: {err}") from None
+
+
+def is_mp4(data: bytes) -> bool:
+    """ISO base media files (mp4/mov) carry an `ftyp` box at offset 4."""
+    return len(data) >= 12 and data[4:8] == b"ftyp"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# JSON metadata models
+
+
+class _Meta(BaseModel):
+    # Unknown fields are kept: users add their own (aesthetic scores, split names) without a schema change.
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+
+class Provenance(_Meta):
+    """Where a sample came from. Every field is optional except `origin` for `vlm_pair`."""
+
+    dataset: str | None = None
+    ids: dict[str, Any] = Field(default_factory=dict)
+    generators: list[str | None] = Field(default_factory=list)
+    origin: Literal["human", "ai", "self", "unknown"] | None = None
+    generator: str | None = None
+    corruption: str | None = None
+    similarity: float | None = None
+
+
+def _finite(values: list[float], what: str) -> list[float]:
+    for v in values:
+        if not math.isfinite(v):
+            raise ValueError(f"{what} must be finite numbers, got {v}")
+    return values
+
+
+class PairMeta(_Meta):
+    caption: str
+    label_0: float
+    provenance: Provenance = Field(default_factory=Provenance)
+
+    @field_validator("label_0")
+    @classmethod
+    def _label(cls, v: float) -> float:
+        if v not in (0.0, 0.5, 1.0):
+            raise ValueError(f"label_0 must be 0 (image 1 preferred), 0.5 (tie) or 1 (image 0 preferred), got {v}")
+        return float(v)
+
+
+class RankedMeta(_Meta):
+    caption: str
+    scores: list[float]
+    scorers: list[str] = Field(default_factory=list)
+    provenance: Provenance = Field(default_factory=Provenance)
+
+    @field_validator("scores")
+    @classmethod
+    def _scores(cls, v: list[float]) -> list[float]:
+        if len(v) < 2:
+            raise ValueError(f"a ranked sample needs K >= 2 scores, got {len(v)}")
+        return _finite(v, "scores")
+
+
+class VideoPairMeta(_Meta):
+    prompt: str
+    labels: dict[str, Literal["A", "B", "same"]]
+    fps_a: float = Field(gt=0)
+    fps_b: float = Field(gt=0)
+    num_frames_a: int = Field(gt=0)
+    num_frames_b: int = Field(gt=0)
+    provenance: Provenance = Field(default_factory=Provenance)
+
+    @field_validator("labels")
+    @classmethod
+    def _dims(cls, v: dict[str, str]) -> dict[str, str]:
+        missing = [d for d in VIDEO_DIMENSIONS if d not in v]
+        if missing:
+            raise ValueError(f"labels must give {list(VIDEO_DIMENSIONS)} (each A, B or same); missing {missing}")
+        return v
+
+
+class Turn(_Meta):
+    role: str
+    content: str | list[dict[str, Any]]
+
+
+class VLMPairMeta(_Meta):
+    prompt: list[Turn]
+    chosen: str
+    rejected: str
+    provenance: Provenance
+
+    @model_validator(mode="after")
+    def _origin(self) -> "VLMPairMeta":
+        if self.provenance.origin is None:
+            raise ValueError("provenance.origin is required for vlm_pair: one of human, ai, self, unknown")
+        if not self.prompt:
+            raise ValueError("prompt must hold at least one chat turn")
+        return self
+
+
+class MusicPairMeta(_Meta):
+    prompt: str
+    codec: str | None = None
+    frame_rate: float | None = None
+    provenance: Provenance = Field(default_factory=Provenance)
+
+
+META_MODELS: dict[str, type[_Meta]] = {
+    "pair": PairMeta, "ranked": RankedMeta, "video_pair": VideoPairMeta, "vlm_pair": VLMPairMeta,
+    "music_pair": MusicPairMeta,
+}
+
+
+def parse_meta(schema: str, data: bytes | dict) -> _Meta:
+    """Parse and check the `json` member of a sample; raises SampleError naming each bad field."""
+    if isinstance(data, (bytes, bytearray)):
+        try:
+            data = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise SampleError(f"json: not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise SampleError(f"json: must be an object, got {type(data).__name__}")
+    try:
+        return META_MODELS[schema].model_validate(data)
+    except ValidationError as err:
+        parts = []
+        for e in err.errors():
+            loc = ".".join(str(p) for p in e["loc"]) or "<object>"
+            parts.append(f"{loc}: {e['msg']}")
+        raise SampleError(f"json: {'; '.join(parts)}") from None
+
+
+def meta_bytes(meta: _Meta) -> bytes:
+    """Deterministic JSON: sorted keys, compact, UTF-8."""
+    data = meta.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# member layout
+
+
+def _indexed(files: dict[str, Any], prefix: str, exts: tuple[str, ...]) -> dict[int, str]:
+    """Suffixes like `prefix + "3.jpg"` -> {3: "3.jpg"}; a duplicate index (3.jpg and 3.png) is an error."""
+    out: dict[int, str] = {}
+    pat = re.compile(rf"^{re.escape(prefix)}(\d+)\.([a-z0-9]+)$")
+    for suffix in files:
+        m = pat.match(suffix)
+        if m and m.group(2) in exts:
+            i = int(m.group(1))
+            if m.group(1) != str(i):
+                raise SampleError(f"member {suffix!r}: image indices are written without leading zeros")
+            if i in out:
+                raise SampleError(f"two members for image {prefix}{i}: {out[i]!r} and {suffix!r}")
+            out[i] = suffix
+    return out
+
+
+def _contiguous(found: dict[int, str], what: str, prefix: str) -> list[str]:
+    if sorted(found) != list(range(len(found))):
+        raise SampleError(f"{what}: members must be numbered {prefix}0..{prefix}{len(found) - 1} without gaps, "
+                          f"found {sorted(found.values())}")
+    return [found[i] for i in range(len(found))]
+
+
+def _one_of(files: dict[str, Any], stem: str, exts: tuple[str, ...], required: bool = True) -> str | None:
+    hits = [f"{stem}.{e}" for e in exts if f"{stem}.{e}" in files]
+    if len(hits) > 1:
+        raise SampleError(f"more than one member for {stem}: {hits}")
+    if not hits:
+        if required:
+            raise SampleError(f"missing member {stem}.<{'|'.join(exts)}>")
+        return None
+    return hits[0]
+
+
+def layout(schema: str, files: dict[str, Any]) -> dict[str, Any]:
+    """Which suffix holds what, for one sample's members (`files`: suffix -> bytes). Raises SampleError.
+
+    Returns a dict with `json` and, per schema: `images` (list of suffixes), `rejected_images`, `a`/`b`,
+    `chosen`/`rejected` (+ `chosen_audio`/`rejected_audio`), and `unexpected` (suffixes no schema field claims).
+    """
+    if schema not in SCHEMA_VERSIONS:
+        raise SampleError(f"unknown schema {schema!r}; valid: {sorted(SCHEMA_VERSIONS)}")
+    if "json" not in files:
+        raise SampleError("missing member json (the sample's metadata)")
+    out: dict[str, Any] = {"json": "json"}
+    if schema in ("pair", "ranked", "vlm_pair"):
+        found = _indexed(files, "", IMAGE_EXTS)
+        if schema == "pair":
+            missing = [i for i in (0, 1) if i not in found]
+            if missing or len(found) != 2:
+                what = f"missing member {missing[0]}.<{'|'.join(IMAGE_EXTS)}>" if missing else "extra images"
+                raise SampleError(f"{what}: a pair holds exactly 0.<img> and 1.<img>, found "
+                                  f"{sorted(found.values()) or 'no image'}")
+        images = _contiguous(found, "images", "")
+        if schema == "ranked":
+            if len(images) < 2:
+                raise SampleError(f"a ranked sample needs K >= 2 images 0.<img>..K-1.<img>, found {images or 'none'}")
+        elif schema == "vlm_pair":
+            if not images:
+                raise SampleError(f"a vlm_pair needs at least one image 0.<img> (img: {'|'.join(IMAGE_EXTS)})")
+            out["rejected_images"] = _contiguous(_indexed(files, "rejected.", IMAGE_EXTS), "rejected images",
+                                                 "rejected.")
+        out["images"] = images
+    elif schema == "video_pair":
+        for side in ("a", "b"):
+            if f"{side}.mp4" not in files:
+                raise SampleError(f"missing member {side}.mp4 (video {side.upper()})")
+            out[side] = f"{side}.mp4"
+    elif schema == "music_pair":
+        for side in ("chosen", "rejected"):
+            if f"{side}.npy" not in files:
+                raise SampleError(f"missing member {side}.npy (the {side} codes, int array [K, T])")
+            out[side] = f"{side}.npy"
+            out[f"{side}_audio"] = _one_of(files, side, AUDIO_EXTS, required=False)
+    claimed = {"json"}
+    for v in out.values():
+        if isinstance(v, str):
+            claimed.add(v)
+        elif isinstance(v, list):
+            claimed.update(v)
+    out["unexpected"] = sorted(s for s in files if s not in claimed)
+    return out
+
+
+def check_sample(schema: str, files: dict[str, bytes]) -> tuple[dict[str, Any], _Meta]:
+    """Member layout + metadata checks that need no decoding; cross-checks counts (ranked scores vs images)."""
+    lay = layout(schema, files)
+    meta = parse_meta(schema, files["json"])
+    if schema == "ranked" and len(meta.scores) != len(lay["images"]):
+        raise SampleError(f"json: scores has {len(meta.scores)} entries but the sample has {len(lay['images'])} "
+                          "images; one score per image")
+    return lay, meta
+
+
+# --------------------------------------------------------------------------------------------------------------
+# builders: what writers call
+
+
+def _base(key: str) -> dict[str, Any]:
+    return {"__key__": check_key(key)}
+
+
+def _prov(provenance: dict | Provenance | None) -> dict:
+    if provenance is None:
+        return {}
+    return provenance.model_dump(exclude_none=True) if isinstance(provenance, Provenance) else dict(provenance)
+
+
+def _build(schema: str, meta: dict[str, Any]) -> bytes:
+    return meta_bytes(parse_meta(schema, meta))
+
+
+def pair_sample(key: str, image_0: Any, image_1: Any, *, caption: str, label_0: float,
+                provenance: dict | Provenance | None = None, **extra: Any) -> dict[str, bytes]:
+    """A `pair` sample. `label_0`: 1 = image 0 preferred, 0 = image 1 preferred, 0.5 = tie.
+
+    Images given as bytes are stored as they are (never re-encoded); PIL images / uint8 arrays become PNG.
+    """
+    out = _base(key)
+    for i, image in enumerate((image_0, image_1)):
+        data, ext = encode_image(image)
+        out[f"{i}.{ext}"] = data
+    out["json"] = _build("pair", {"caption": caption, "label_0": label_0, "provenance": _prov(provenance), **extra})
+    return out
+
+
+def ranked_sample(key: str, images: list[Any], *, caption: str, scores: list[float], scorers: list[str] | None = None,
+                  provenance: dict | Provenance | None = None, **extra: Any) -> dict[str, bytes]:
+    """A `ranked` sample: K >= 2 images of one prompt, one score per image (higher is better)."""
+    if len(images) != len(scores):
+        raise SampleError(f"ranked sample {key}: {len(images)} images but {len(scores)} scores")
+    out = _base(key)
+    for i, image in enumerate(images):
+        data, ext = encode_image(image)
+        out[f"{i}.{ext}"] = data
+    out["json"] = _build("ranked", {"caption": caption, "scores": list(scores), "scorers": list(scorers or []),
+                                    "provenance": _prov(provenance), **extra})
+    return out
+
+
+def video_pair_sample(key: str, video_a: bytes, video_b: bytes, *, prompt: str, labels: dict[str, str],
+                      fps_a: float, fps_b: float, num_frames_a: int, num_frames_b: int,
+                      provenance: dict | Provenance | None = None, **extra: Any) -> dict[str, bytes]:
+    """A `video_pair` sample: two mp4 files and per-dimension labels VQ/MQ/TA in {A, B, same}."""
+    out = _base(key)
+    for side, data in (("a", video_a), ("b", video_b)):
+        data = bytes(data)
+        if not is_mp4(data):
+            raise SampleError(f"video {side.upper()} of {key} is not an mp4 file (no ftyp box)")
+        out[f"{side}.mp4"] = data
+    out["json"] = _build("video_pair", {
+        "prompt": prompt, "labels": dict(labels), "fps_a": fps_a, "fps_b": fps_b, "num_frames_a": num_frames_a,
+        "num_frames_b": num_frames_b, "provenance": _prov(provenance), **extra})
+    return out
+
+
+def vlm_pair_sample(key: str, images: list[Any], *, prompt: str | list[dict], chosen: str, rejected: str,
+                    rejected_images: list[Any] | None = None, provenance: dict | Provenance | None = None,
+                    **extra: Any) -> dict[str, bytes]:
+    """A `vlm_pair` sample. `prompt` is a list of chat turns `{"role", "content"}` (a string becomes one user
+    turn); `provenance.origin` (human / ai / self / unknown) is required."""
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    out = _base(key)
+    for i, image in enumerate(images):
+        data, ext = encode_image(image)
+        out[f"{i}.{ext}"] = data
+    for i, image in enumerate(rejected_images or []):
+        data, ext = encode_image(image)
+        out[f"rejected.{i}.{ext}"] = data
+    out["json"] = _build("vlm_pair", {"prompt": prompt, "chosen": chosen, "rejected": rejected,
+                                      "provenance": _prov(provenance), **extra})
+    return out
+
+
+def music_pair_sample(key: str, chosen_codes: Any, rejected_codes: Any, *, prompt: str,
+                      chosen_audio: bytes | None = None, rejected_audio: bytes | None = None, audio_format: str = "wav",
+                      provenance: dict | Provenance | None = None, **extra: Any) -> dict[str, bytes]:
+    """A `music_pair` sample: chosen / rejected token codes as int arrays [K codebooks, T] (T may differ)."""
+    import numpy as np
+
+    out = _base(key)
+    for side, codes in (("chosen", chosen_codes), ("rejected", rejected_codes)):
+        arr = np.asarray(codes)
+        if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
+            raise SampleError(f"{side} codes of {key} must be an integer array [K, T], got {arr.dtype} {arr.shape}")
+        out[f"{side}.npy"] = npy_bytes(arr)
+    if np.asarray(chosen_codes).shape[0] != np.asarray(rejected_codes).shape[0]:
+        raise SampleError(f"{key}: chosen and rejected codes must have the same number of codebooks K")
+    if audio_format not in AUDIO_EXTS:
+        raise SampleError(f"audio_format must be one of {AUDIO_EXTS}, got {audio_format!r}")
+    for side, audio in (("chosen", chosen_audio), ("rejected", rejected_audio)):
+        if audio is not None:
+            out[f"{side}.{audio_format}"] = bytes(audio)
+    out["json"] = _build("music_pair", {"prompt": prompt, "provenance": _prov(provenance), **extra})
+    return out
