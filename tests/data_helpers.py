@@ -92,9 +92,10 @@ def pickapic_rows(n: int, *, ties: tuple[int, ...] = (), unlabeled: tuple[int, .
             l0 = 1.0 if i % 2 == 0 else 0.0
         rows.append({
             "are_different": True, "best_image_uid": f"u{i}-{0 if l0 == 1 else 1}", "caption": f"a caption {i}",
-            "created_at": datetime.datetime(2023, 1, 1) + datetime.timedelta(minutes=i), "has_label": i not in unlabeled,
-            "image_0_uid": f"u{i}-0", "image_0_url": f"https://example.org/{i}/0.jpg", "image_1_uid": f"u{i}-1",
-            "image_1_url": f"https://example.org/{i}/1.jpg", "jpg_0": jpeg(seed + 2 * i), "jpg_1": jpeg(seed + 2 * i + 1),
+            "created_at": datetime.datetime(2023, 1, 1) + datetime.timedelta(minutes=i),
+            "has_label": i not in unlabeled, "image_0_uid": f"u{i}-0", "image_0_url": f"https://example.org/{i}/0.jpg",
+            "image_1_uid": f"u{i}-1", "image_1_url": f"https://example.org/{i}/1.jpg", "jpg_0": jpeg(seed + 2 * i),
+            "jpg_1": jpeg(seed + 2 * i + 1),
             "label_0": l0, "label_1": 1.0 - l0, "model_0": "sdxl", "model_1": "sd21", "ranking_id": 1000 + i,
             "user_id": 7, "num_example_per_prompt": 1, "__index_level_0__": i,
         })

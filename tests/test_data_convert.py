@@ -58,7 +58,7 @@ def test_pickapic_drop_ties_counts_and_original_bytes(pickapic, tmp_path, capsys
 def test_pickapic_tie_policies(pickapic, tmp_path, policy):
     src, _ = pickapic
     man = convert_pickapic([src / "train-00000-of-00002.parquet"], tmp_path,
-                           ConvertOptions(ties=policy, seed=3, progress=False))
+                           options=ConvertOptions(ties=policy, seed=3, progress=False))
     counts = man.conversion["counts"]
     assert (counts["kept"], counts["ties"], counts["dropped_reasons"]) == (8, 2, {"unlabeled": 2})
     labels = {s["__key__"][-2:]: s["label_0"] for s in PairDataset(tmp_path, ties="keep", decode_images=False)}
@@ -70,7 +70,7 @@ def test_pickapic_tie_policies(pickapic, tmp_path, policy):
     else:
         assert counts["ties_coin"] == 2 and {labels["02"], labels["05"]} <= {0.0, 1.0}
         again = tmp_path / "again"
-        convert_pickapic([src / "train-00000-of-00002.parquet"], again, ConvertOptions(ties="coin", seed=3,
+        convert_pickapic([src / "train-00000-of-00002.parquet"], again, options=ConvertOptions(ties="coin", seed=3,
                                                                                         progress=False))
         assert (again / "shard-000000.tar").read_bytes() == (tmp_path / "shard-000000.tar").read_bytes()
 
@@ -79,7 +79,7 @@ def test_conversion_is_deterministic(pickapic, tmp_path):
     src, _ = pickapic
     a, b = tmp_path / "a", tmp_path / "b"
     for out in (a, b):
-        convert_pickapic([src], out, ConvertOptions(max_count=3, progress=False))
+        convert_pickapic([src], out, options=ConvertOptions(max_count=3, progress=False))
     names = sorted(p.name for p in a.iterdir())
     assert names == sorted(p.name for p in b.iterdir()) and "manifest.json" in names
     for name in names:
@@ -96,7 +96,7 @@ def test_pickapic_rejects_wrong_columns_and_existing_output(pickapic, tmp_path, 
         convert_pickapic([bad], tmp_path / "o1")
     src, _ = pickapic
     out = tmp_path / "o2"
-    convert_pickapic([src], out, ConvertOptions(progress=False, limit=3))
+    convert_pickapic([src], out, options=ConvertOptions(progress=False, limit=3))
     assert load_manifest(out).conversion["counts"]["rows"] == 3
     assert cli_main(["shards", "convert", "--from", "pickapic", str(src), "--out", str(out), "--no-progress"]) == 1
     assert "--overwrite" in capsys.readouterr().err
@@ -219,6 +219,9 @@ def test_trl_rows_jsonl_parquet_and_stic(tmp_path):
     assert s["provenance"]["origin"] == "self" and s["provenance"]["corruption"] == "image_corruption"
     assert got["hf-000000000"]["prompt"] == [{"role": "user", "content": "Plain prompt"}]
     assert load_manifest(tmp_path / "out").conversion["counts"]["dropped_reasons"] == {"no_image": 1}
+    (tmp_path / "stic_list.json").write_text(json.dumps([stic, stic]))  # STIC's JSON-list form
+    man = convert_trl([tmp_path / "stic_list.json"], tmp_path / "list", options=ConvertOptions(progress=False))
+    assert man.num_samples == 2
     with pytest.raises(ConversionError, match="rows.jsonl row 3: no_image"):
         convert_trl([tmp_path / "rows.jsonl"], tmp_path / "strict", options=ConvertOptions(strict=True,
                                                                                            progress=False))

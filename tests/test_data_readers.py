@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from mmalign.data import (
     CorruptSampleError, DataCursor, ImageTransforms, PairDataset, ShardSetWriter, collate_pairs, pair_sample,
 )
-from mmalign.data.transforms import sample_rng, transform_images
+from mmalign.data.transforms import sample_rng, to_pixel_values, transform_images
 
 
 def keys_of(loader) -> list[str]:
@@ -25,14 +25,15 @@ def keys_of(loader) -> list[str]:
 # ------------------------------------------------------------------------------------------------ splitting
 
 
-@pytest.mark.parametrize("n, max_count", [(22, 3), (7, 4)], ids=["shard-level (8 shards)", "sample-level (2 shards)"])
-def test_two_ranks_two_workers_see_every_sample_once(tmp_path, n, max_count):
+@pytest.mark.parametrize("n, max_count, split", [(22, 3, "auto"), (7, 4, "auto"), (9, 2, "sample")],
+                         ids=["shard-level (8 shards)", "sample-level (2 shards)", "forced sample-level"])
+def test_two_ranks_two_workers_see_every_sample_once(tmp_path, n, max_count, split):
     write_pairs(tmp_path, n, max_count=max_count)
     all_keys = [f"s-{i:05d}" for i in range(n)]
     seen: list[str] = []
     for rank in (0, 1):
         ds = PairDataset(tmp_path, rank=rank, world_size=2, shuffle=True, shuffle_buffer=3, seed=5, ties="keep",
-                         decode_images=False)
+                         decode_images=False, split=split)
         ds.set_epoch(3)
         got = keys_of(DataLoader(ds, batch_size=2, num_workers=2, collate_fn=collate_pairs))
         assert len(got) == len(ds)  # the manifest-based length is this rank's exact share
@@ -202,8 +203,8 @@ def test_winner_and_loser_share_one_random_transform(tmp_path):
     w3 = Image.fromarray(np.roll(arr, 15, axis=1))  # label_0 = 1: image 0 wins
     l3 = Image.fromarray(255 - np.roll(arr, 15, axis=1))
     ref, size, crop, _ = transform_images([w3, l3], cfg, sample_rng(4, 0, "k-03"))
-    torch.testing.assert_close(pv[3], ref[0])
-    torch.testing.assert_close(pv[b + 3], ref[1])
+    torch.testing.assert_close(pv[3], to_pixel_values(ref[0]))
+    torch.testing.assert_close(pv[b + 3], to_pixel_values(ref[1]))
     assert tuple(batch["crop_top_lefts"][3].tolist()) == crop and size == (40, 60)
 
 

@@ -23,7 +23,8 @@ _EXPORTS = {
     "collate_vlm_pairs": "collate", "collate_music_pairs": "collate", "winners_losers": "collate",
     "COLLATORS": "collate",
     # transforms and video
-    "ImageTransforms": "transforms", "transform_images": "transforms", "read_frames": "video",
+    "ImageTransforms": "transforms", "transform_images": "transforms", "to_pixel_values": "transforms",
+    "read_frames": "video",
     "video_info": "video", "FrameSampling": "video",
     # schemas and writing
     "SCHEMA_VERSIONS": "schemas", "SampleError": "schemas", "pair_sample": "schemas", "ranked_sample": "schemas",

@@ -6,7 +6,7 @@ the preferred items and rows B..2B-1 their rejected partners (row i and row B+i 
 Every batch also carries:
 - `keys`, `shards`: where each sample came from;
 - `skipped` (int), `skip_reasons` ({stage: count}): bad samples the worker skipped just before this batch's
-  samples (summing them over batches counts every skip, whichever worker made it);
+  samples, for per-step logs (skips after a worker's last sample show only in the dataset's `stats`);
 - `cursor`: the read position for `DataCursor` (exact resume).
 """
 
@@ -36,6 +36,32 @@ def _common(samples: list[dict[str, Any]]) -> dict[str, Any]:
             "cursor": cursor}
 
 
+def batch_buffer(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """An uninitialised tensor for a batch; inside a DataLoader worker it is allocated in shared memory, so the
+    batch reaches the main process without another copy (what torch's default_collate does)."""
+    from torch.utils.data import get_worker_info
+
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    numel = 1
+    for d in shape:
+        numel *= d
+    proto = torch.empty(0, dtype=dtype)
+    return proto.new(proto._typed_storage()._new_shared(numel, device=proto.device)).resize_(shape)
+
+
+def _pixel_batch(rows: list[torch.Tensor]) -> torch.Tensor:
+    """uint8 (H,W,3) images -> float (N,3,H,W) in [-1, 1], converted once, straight into the batch buffer."""
+    from mmalign.data.transforms import to_pixel_values
+
+    sizes = {tuple(r.shape) for r in rows}
+    if len(sizes) != 1:
+        raise ValueError(f"images of one batch must share a size (one ImageTransforms.resolution), got "
+                         f"{sorted(sizes)}")
+    h, w, c = rows[0].shape
+    return to_pixel_values(torch.stack(rows), out=batch_buffer((len(rows), c, h, w)))
+
+
 def _stack(values: list[Any]):
     """Stack arrays / tensors (or dicts of them) along a new batch dim; a list when shapes differ."""
     if isinstance(values[0], dict):
@@ -57,7 +83,8 @@ def collate_pairs(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
     Returns `{"pixel_values": (2B,3,H,W) float in [-1, 1] as [winners; losers], "captions": list[str] (B),
     "original_sizes": (B,2) long (h, w) of the winner, "crop_top_lefts": (B,2) long (top, left),
-    "label": (B,) float (1.0 = row i preferred to row B+i, 0.5 = tie, present only with ties="keep"),
+    "label": (B,) float (1.0 = row i preferred to row B+i; 0.5 = a tie, only with PairDataset(ties="keep"),
+    where rows keep the stored order),
     "winner_index": (B,) long (which stored image is in the winner row: reorder per-image caches with
     `winners_losers`), "provenance", "keys", "shards", "skipped", "skip_reasons", "cursor"}`.
     Without transforms, `"images"` (stored order, PIL) replaces the pixel entries.
@@ -67,9 +94,8 @@ def collate_pairs(samples: list[dict[str, Any]]) -> dict[str, Any]:
     batch["label"] = torch.tensor([s["label"] for s in samples], dtype=torch.float32)
     batch["winner_index"] = torch.tensor([s["winner_index"] for s in samples], dtype=torch.long)
     batch["provenance"] = [s["provenance"] for s in samples]
-    if "pixel_values" in samples[0]:
-        pv = torch.stack([s["pixel_values"] for s in samples])  # (B, 2, 3, H, W)
-        batch["pixel_values"] = torch.cat([pv[:, 0], pv[:, 1]], dim=0)
+    if "pixels" in samples[0]:
+        batch["pixel_values"] = _pixel_batch([s["pixels"][0] for s in samples] + [s["pixels"][1] for s in samples])
         batch["original_sizes"] = torch.tensor([s["original_size"] for s in samples], dtype=torch.long)
         batch["crop_top_lefts"] = torch.tensor([s["crop_top_left"] for s in samples], dtype=torch.long)
     elif "images" in samples[0]:
@@ -97,8 +123,9 @@ def collate_ranked(samples: list[dict[str, Any]]) -> dict[str, Any]:
     batch["scores"] = torch.stack([s["scores"] for s in samples])
     batch["scorers"] = [s["scorers"] for s in samples]
     batch["provenance"] = [s["provenance"] for s in samples]
-    if "pixel_values" in samples[0]:
-        batch["pixel_values"] = torch.stack([s["pixel_values"] for s in samples])
+    if "pixels" in samples[0]:
+        k = len(samples[0]["pixels"])
+        batch["pixel_values"] = _pixel_batch([im for s in samples for im in s["pixels"]]).unflatten(0, (-1, k))
         batch["original_sizes"] = torch.tensor([s["original_size"] for s in samples], dtype=torch.long)
         batch["crop_top_lefts"] = torch.tensor([s["crop_top_left"] for s in samples], dtype=torch.long)
     elif "images" in samples[0]:

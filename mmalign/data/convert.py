@@ -241,7 +241,7 @@ def _pickapic_sample(rec: dict, key: str, where: str, ctx: _Ctx) -> dict | None:
         return None
 
 
-def convert_pickapic(inputs: Iterable[str | os.PathLike], out: str | os.PathLike,
+def convert_pickapic(inputs: Iterable[str | os.PathLike], out: str | os.PathLike, *,
                      options: ConvertOptions | None = None) -> Manifest:
     """Pick-a-Pic v2 parquet files (or folders of them) -> `pair` shards. Unlabeled rows are dropped; ties
     follow `options.ties` (drop / keep as label 0.5 / coin: a seeded coin flip per key picks a winner)."""
@@ -303,8 +303,6 @@ def _hpdv2_sample(entry: Any, key: str, where: str, index: int, root: Path, sche
         return None
     try:
         images = [_read_file(root, p, where, "image path") for p in paths]
-    except UnsafeSourceError:
-        raise
     except OSError as err:
         ctx.drop(where, "missing_file", str(err))
         return None
@@ -342,7 +340,10 @@ def convert_jsonl(path: str | os.PathLike, out: str | os.PathLike, *, schema: Li
     path = Path(path)
     lines = path.read_text(encoding="utf-8").splitlines()
     if schema is None:
-        first = next((json.loads(ln) for ln in lines if ln.strip()), None)
+        try:
+            first = next((json.loads(ln) for ln in lines if ln.strip()), None)
+        except json.JSONDecodeError as err:
+            raise ConversionError(f"{path}: the first line is not JSON ({err}); pass schema=") from None
         if not isinstance(first, dict) or ("label_0" in first) == ("scores" in first):
             raise ConversionError(f"{path}: cannot tell pair from ranked from the first line (it needs exactly one "
                                   "of label_0, scores); pass schema=")
@@ -379,8 +380,6 @@ def _jsonl_sample(line: str, key: str, where: str, base: Path, schema: str, ctx:
         return None
     try:
         data = [_read_file(base, p, where, "image path") for p in images]
-    except UnsafeSourceError:
-        raise
     except OSError as err:
         ctx.drop(where, "missing_file", str(err))
         return None
@@ -390,11 +389,11 @@ def _jsonl_sample(line: str, key: str, where: str, base: Path, schema: str, ctx:
             if len(data) != 2:
                 ctx.drop(where, "not_a_pair", f"{len(data)} images")
                 return None
-            label = ctx.resolve_tie(float(rec["label_0"]), key, where) if rec.get("label_0") in (0, 0.5, 1) else -1
-            if label is None:
-                return None
-            if label == -1:
+            if rec.get("label_0") not in (0, 0.5, 1) or isinstance(rec.get("label_0"), bool):
                 ctx.drop(where, "bad_label", f"label_0={rec.get('label_0')!r} (valid: 0, 0.5, 1)")
+                return None
+            label = ctx.resolve_tie(float(rec["label_0"]), key, where)
+            if label is None:
                 return None
             return pair_sample(key, data[0], data[1], caption=rec.get("caption"), label_0=label, provenance=prov)
         return ranked_sample(key, data, caption=rec.get("caption"), scores=rec.get("scores"),
@@ -457,8 +456,6 @@ def _videoalign_sample(rec: dict, key: str, where: str, index: int, root: Path, 
         return None
     try:
         videos = [_read_file(root, rec[c], where, "video path") for c in ("path_A", "path_B")]
-    except UnsafeSourceError:
-        raise
     except OSError as err:
         ctx.drop(where, "missing_file", str(err))
         return None
@@ -594,6 +591,14 @@ def _trl_records(path: Path) -> tuple[int, Callable[[], Iterator[dict]]]:
                 yield from batch.to_pylist()
 
         return pf.metadata.num_rows, gen
+    if path.suffix == ".json":  # a JSON array of rows (STIC's convert_jsonl_to_json output)
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ConversionError(f"{path}: not valid JSON: {err}") from None
+        if not isinstance(rows, list):
+            raise ConversionError(f"{path}: a .json input must hold a list of rows (use .jsonl for one per line)")
+        return len(rows), lambda: iter(rows)
     lines = path.read_text(encoding="utf-8").splitlines()
 
     def gen_lines() -> Iterator[dict]:

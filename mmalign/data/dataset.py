@@ -343,6 +343,8 @@ class ShardDataset(IterableDataset):
                 continue
             files = {k: v for k, v in raw.items() if not k.startswith("__")}
             try:
+                if "__invalid__" in raw:
+                    raise SampleError(raw["__invalid__"])
                 lay, meta = check_sample(self.schema, files)
             except SampleError as err:
                 self._skip(raw, "schema", err.reason, pending)
@@ -396,6 +398,16 @@ class ShardDataset(IterableDataset):
         raise NotImplementedError
 
 
+def _provenance(meta: Any) -> dict[str, Any]:
+    return meta.provenance.model_dump(exclude_none=True, exclude_defaults=True)
+
+
+def _transforms(transforms: ImageTransforms | dict | None, decode_images: bool) -> ImageTransforms | None:
+    if transforms is not None and not decode_images:
+        raise ValueError("transforms need decoded images; drop transforms or set decode_images=True")
+    return ImageTransforms.model_validate(transforms) if isinstance(transforms, dict) else transforms
+
+
 def _open_image(data: bytes):
     from PIL import Image
 
@@ -411,7 +423,8 @@ def _load_rgb(data: bytes):
 class PairDataset(ShardDataset):
     """`pair` samples.
 
-    With `transforms`, a sample is `{"pixel_values": (2,3,H,W) [winner, loser] in [-1, 1], "caption",
+    With `transforms`, a sample is `{"pixels": (2,H,W,3) uint8 [winner, loser] (`collate_pairs` makes the float
+    `pixel_values`), "caption",
     "label": 1.0 (or 0.5 for a kept tie), "winner_index": which stored image won (0/1), "original_size": (h, w) of
     the winner, "crop_top_left": (top, left), "provenance", ...}`; for a tie the stored order is kept. Without
     transforms: `{"images": [PIL image 0, PIL image 1], "label_0", "caption", ...}` (stored order).
@@ -427,7 +440,7 @@ class PairDataset(ShardDataset):
         super().__init__(source, **kwargs)
         if ties not in ("drop", "keep"):
             raise ValueError(f"ties must be 'drop' or 'keep', got {ties!r}")
-        self.transforms = ImageTransforms.model_validate(transforms) if isinstance(transforms, dict) else transforms
+        self.transforms = _transforms(transforms, decode_images)
         self.ties, self.decode_images = ties, decode_images
 
     def _dropped_per_shard(self) -> list[int]:
@@ -440,7 +453,7 @@ class PairDataset(ShardDataset):
             return None
         winner = 1 if meta.label_0 == 0.0 else 0
         out = {"caption": meta.caption, "label_0": meta.label_0, "label": 0.5 if meta.label_0 == 0.5 else 1.0,
-               "winner_index": winner, "provenance": meta.provenance.model_dump(exclude_none=True, exclude_defaults=True)}
+               "winner_index": winner, "provenance": _provenance(meta)}
         if not self.decode_images:
             return out
         if self.transforms is None:
@@ -449,12 +462,12 @@ class PairDataset(ShardDataset):
         images = [_open_image(raw[s]) for s in lay["images"]]
         pixels, size, crop, _ = transform_images([images[winner], images[1 - winner]], self.transforms,
                                                  sample_rng(self.seed, epoch, raw["__key__"]))
-        out.update(pixel_values=pixels, original_size=size, crop_top_left=crop)
+        out.update(pixels=pixels, original_size=size, crop_top_left=crop)
         return out
 
 
 class RankedDataset(ShardDataset):
-    """`ranked` samples: with `transforms`, `{"pixel_values": (K,3,H,W), "scores": (K,) float (higher is better),
+    """`ranked` samples: with `transforms`, `{"pixels": (K,H,W,3) uint8, "scores": (K,) float (higher is better),
     "caption", "scorers", "original_size" (of image 0), "crop_top_left"}` in stored order; without, `"images"`
     (PIL list)."""
 
@@ -463,12 +476,12 @@ class RankedDataset(ShardDataset):
     def __init__(self, source, *, transforms: ImageTransforms | dict | None = None, decode_images: bool = True,
                  **kwargs: Any):
         super().__init__(source, **kwargs)
-        self.transforms = ImageTransforms.model_validate(transforms) if isinstance(transforms, dict) else transforms
+        self.transforms = _transforms(transforms, decode_images)
         self.decode_images = decode_images
 
     def _decode(self, raw, lay, meta, epoch):
         out = {"caption": meta.caption, "scores": torch.tensor(meta.scores, dtype=torch.float32),
-               "scorers": list(meta.scorers), "provenance": meta.provenance.model_dump(exclude_none=True, exclude_defaults=True)}
+               "scorers": list(meta.scorers), "provenance": _provenance(meta)}
         if not self.decode_images:
             return out
         if self.transforms is None:
@@ -476,7 +489,7 @@ class RankedDataset(ShardDataset):
             return out
         pixels, size, crop, _ = transform_images([_open_image(raw[s]) for s in lay["images"]], self.transforms,
                                                  sample_rng(self.seed, epoch, raw["__key__"]))
-        out.update(pixel_values=pixels, original_size=size, crop_top_left=crop)
+        out.update(pixels=pixels, original_size=size, crop_top_left=crop)
         return out
 
 
@@ -494,7 +507,7 @@ class VideoPairDataset(ShardDataset):
     def _decode(self, raw, lay, meta, epoch):
         out = {"prompt": meta.prompt, "labels": dict(meta.labels), "fps": (meta.fps_a, meta.fps_b),
                "num_frames": (meta.num_frames_a, meta.num_frames_b),
-               "provenance": meta.provenance.model_dump(exclude_none=True, exclude_defaults=True)}
+               "provenance": _provenance(meta)}
         if self.frames is None:
             out.update(video_a=raw[lay["a"]], video_b=raw[lay["b"]])
         else:
@@ -517,7 +530,7 @@ class VLMPairDataset(ShardDataset):
 
     def _decode(self, raw, lay, meta, epoch):
         out = {"prompt": [t.model_dump() for t in meta.prompt], "chosen": meta.chosen, "rejected": meta.rejected,
-               "provenance": meta.provenance.model_dump(exclude_none=True, exclude_defaults=True)}
+               "provenance": _provenance(meta)}
         if self.decode_images:
             out["images"] = [_load_rgb(raw[s]) for s in lay["images"]]
             out["rejected_images"] = [_load_rgb(raw[s]) for s in lay["rejected_images"]]
@@ -533,7 +546,7 @@ class MusicPairDataset(ShardDataset):
     def _decode(self, raw, lay, meta, epoch):
         import numpy as np
 
-        out = {"prompt": meta.prompt, "provenance": meta.provenance.model_dump(exclude_none=True, exclude_defaults=True)}
+        out = {"prompt": meta.prompt, "provenance": _provenance(meta)}
         for side in ("chosen", "rejected"):
             arr = load_npy(raw[lay[side]])
             if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):

@@ -84,7 +84,7 @@ def iter_samples(fileobj, shard: str) -> Iterator[dict[str, Any]]:
     """Group consecutive members by key into `{"__key__", "__shard__", suffix: bytes, ...}`.
 
     A read error yields `{"__key__": key being read (or the last key), "__shard__", "__error__": reason}` and
-    ends the shard; a member repeated within a key yields an error record for that key.
+    ends the shard; a member repeated within a key marks that sample `"__invalid__": reason`.
     """
     current: dict[str, Any] | None = None
     last_key = ""
@@ -100,7 +100,7 @@ def iter_samples(fileobj, shard: str) -> Iterator[dict[str, Any]]:
                 current = {"__key__": key, "__shard__": shard}
                 last_key = key
             if suffix in current:
-                current["__error__"] = f"member {name!r} appears twice"
+                current["__invalid__"] = f"member {name!r} appears twice"
             current[suffix] = data
     except MemberReadError as err:
         # The members read so far are whole (a member whose data is cut raises before it is returned); if the

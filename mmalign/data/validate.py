@@ -155,14 +155,11 @@ def validate_shards(root: str | os.PathLike, *, decode: bool = True, progress: b
                 if "__error__" in raw:
                     report.issues.append(Issue(entry.name, key, raw["__error__"]))
                     report.bad_samples += 1
-                    if raw["__error__"].startswith("shard unreadable"):
-                        break
-                    count += 1
-                    continue
+                    break
                 count += 1
                 bar.update()
                 first_key = first_key or key
-                problems = []
+                problems = [raw["__invalid__"]] if "__invalid__" in raw else []
                 try:
                     check_key(key)
                 except SampleError as err:
