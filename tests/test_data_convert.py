@@ -57,22 +57,25 @@ def test_pickapic_drop_ties_counts_and_original_bytes(pickapic, tmp_path, capsys
 @pytest.mark.parametrize("policy", ["keep", "coin"])
 def test_pickapic_tie_policies(pickapic, tmp_path, policy):
     src, _ = pickapic
-    man = convert_pickapic([src / "train-00000-of-00002.parquet"], tmp_path,
+    out = tmp_path / "out"
+    man = convert_pickapic([src / "train-00000-of-00002.parquet"], out,
                            options=ConvertOptions(ties=policy, seed=3, progress=False))
     counts = man.conversion["counts"]
     assert (counts["kept"], counts["ties"], counts["dropped_reasons"]) == (8, 2, {"unlabeled": 2})
-    labels = {s["__key__"][-2:]: s["label_0"] for s in PairDataset(tmp_path, ties="keep", decode_images=False)}
+    labels = {s["__key__"][-2:]: s["label_0"] for s in PairDataset(out, ties="keep", decode_images=False)}
     if policy == "keep":
         assert counts["ties_kept"] == 2 and labels["02"] == labels["05"] == 0.5
         assert sum(s.ties for s in man.shards) == 2
-        batch = collate_pairs(list(PairDataset(tmp_path, ties="keep", decode_images=False)))
+        batch = collate_pairs(list(PairDataset(out, ties="keep", decode_images=False)))
         assert batch["label"].tolist().count(0.5) == 2
+        assert len(PairDataset(out)) == 6  # the reader drops kept ties unless asked for them
     else:
         assert counts["ties_coin"] == 2 and {labels["02"], labels["05"]} <= {0.0, 1.0}
+        assert sum(s.ties for s in man.shards) == 0
         again = tmp_path / "again"
-        convert_pickapic([src / "train-00000-of-00002.parquet"], again, options=ConvertOptions(ties="coin", seed=3,
-                                                                                        progress=False))
-        assert (again / "shard-000000.tar").read_bytes() == (tmp_path / "shard-000000.tar").read_bytes()
+        convert_pickapic([src / "train-00000-of-00002.parquet"], again,
+                         options=ConvertOptions(ties="coin", seed=3, progress=False))
+        assert (again / "shard-000000.tar").read_bytes() == (out / "shard-000000.tar").read_bytes()
 
 
 def test_conversion_is_deterministic(pickapic, tmp_path):

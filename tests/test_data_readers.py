@@ -218,6 +218,8 @@ def test_reading_without_manifest_and_schema_mismatch(tmp_path):
     assert len(list(bare)) == 3
     with pytest.raises(TypeError, match="without a manifest"):
         len(bare)
+    with pytest.raises(ManifestError, match="no such shard file or shard-set folder"):
+        PairDataset(tmp_path / "typo")
 
 
 def test_jpeg_draft_is_opt_in_and_close_to_full_decode(tmp_path):

@@ -5,7 +5,11 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import signal
+import subprocess
+import sys
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -159,10 +163,27 @@ def test_interrupted_write_leaves_no_manifest_and_rerun_is_clean(tmp_path):
     assert names == ["shard-000000.tar", "shard-000001.tar"]  # finished shards only; no tmp, no manifest
     with pytest.raises(ManifestError, match="did not finish"):
         PairDataset(out)
-    # a killed run also leaves a temporary file and stale shards behind
-    (out / ".shard-000002.tar.tmp").write_bytes(b"half a shard")
+
+    # a process killed in the middle of a shard leaves its temporary file behind
+    script = f"""
+import os, signal, sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from data_helpers import jpeg, png
+from mmalign.data import ShardSetWriter, pair_sample
+w = ShardSetWriter({str(out)!r}, "pair", max_count=2)
+for i in range(7):
+    if i == 5:  # shard 2 holds s-00004 and is open
+        os.kill(os.getpid(), signal.SIGKILL)
+    w.write(pair_sample(f"s-{{i:05d}}", jpeg(2 * i), png(2 * i + 1), caption=f"caption {{i}}",
+                        label_0=1.0 if i % 2 == 0 else 0.0, provenance={{"dataset": "test", "ids": {{"i": i}}}}))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [".shard-000002.tar.tmp", "shard-000000.tar", "shard-000001.tar"]
+    assert cli_main(["shards", "validate", str(out)]) == 1
     (out / "shard-000009.tar").write_bytes(b"stale")
-    write_pairs(out, 7, max_count=2)
+    write_pairs(out, 7, max_count=2)  # re-running starts cleanly
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in clean.iterdir())
     for p in clean.iterdir():
         assert (out / p.name).read_bytes() == p.read_bytes()

@@ -158,6 +158,10 @@ def open_source(source: str | os.PathLike | list, *, schema: str | None = None, 
         raise ManifestError(f"{source!r}: no shards")
     for url in urls:
         check_url(url, allow_pipe=allow_pipe, allow_network=allow_network)
+    missing = [u for u in urls if url_scheme(u) in (None, "file") and not Path(u.removeprefix("file:")).is_file()]
+    if missing:
+        raise ManifestError(f"{missing[0]}: no such shard file or shard-set folder"
+                            + (f" (and {len(missing) - 1} more missing)" if len(missing) > 1 else ""))
     if schema is None:
         raise ManifestError(f"{source!r}: shards without a manifest need schema= (one of {sorted(SCHEMA_VERSIONS)})")
     if schema not in SCHEMA_VERSIONS:

@@ -13,7 +13,10 @@ whichever worker or rank reads it, and a resumed run repeats them exactly.
 from __future__ import annotations
 
 import random
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    import torch
 
 from mmalign.config import StrictModel
 
@@ -81,7 +84,7 @@ def transform_images(images: list, cfg: ImageTransforms, rng: random.Random):
     return torch.from_numpy(out), (h0, w0), (top, left), flip
 
 
-def to_pixel_values(pixels, out=None):
+def to_pixel_values(pixels: "torch.Tensor", out: "torch.Tensor | None" = None) -> "torch.Tensor":
     """uint8 (..., H, W, 3) -> float32 (..., 3, H, W) in [-1, 1] (x / 127.5 - 1), written into `out` if given."""
     import torch
 

@@ -195,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"({parquet.stat().st_size / 2**20:.1f} MiB)")
         shards = work / "shards"
         t0 = time.perf_counter()
-        man = convert_pickapic([parquet], shards, options=ConvertOptions(max_count=250, overwrite=True, progress=False))
+        man = convert_pickapic([parquet], shards,
+                               options=ConvertOptions(max_count=250, overwrite=True, progress=False))
         conv_s = time.perf_counter() - t0
         print(f"converted to {len(man.shards)} shards in {conv_s:.1f} s ({man.num_samples / conv_s:.0f} pairs/s)")
 
