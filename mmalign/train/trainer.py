@@ -8,13 +8,9 @@ non-finite steps, logging, validation grids, atomic checkpoints and exact resume
 
 from __future__ import annotations
 
-import json
-import math
-import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -46,7 +42,6 @@ class TrainState:
     skipped_samples: int = 0
     nonfinite_steps: int = 0
     consecutive_nonfinite: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 def _weight_dtype(mixed_precision: str) -> torch.dtype:
@@ -194,14 +189,6 @@ def compute_loss(cfg: TrainConfig, adapter: T2IAdapter, unet, unwrapped_unet, ba
     return loss, metrics
 
 
-# -- data ------------------------------------------------------------------------------------------------------
-def make_batches(cfg: TrainConfig, rank: int, world_size: int, skip_micro_steps: int) -> Iterator[dict]:
-    """Endless stream of micro-batches for this rank, deterministic in (seed, epoch); resumes at a position."""
-    from mmalign.train.data import iterate_batches
-
-    return iterate_batches(cfg, rank=rank, world_size=world_size, skip=skip_micro_steps)
-
-
 # -- the loop --------------------------------------------------------------------------------------------------
 def _check_run_dir(cfg: TrainConfig, run_dir: Path) -> None:
     if cfg.run.resume is None and ckpt.list_checkpoints(run_dir) and not cfg.run.overwrite:
@@ -272,7 +259,9 @@ def train(cfg: TrainConfig) -> TrainResult:
                                       else empty_cond.pooled[0])
 
     logger = MetricsLogger(run_dir, enabled=accelerator.is_main_process, start_step=state.global_step)
-    batches = make_batches(cfg, accelerator.process_index, accelerator.num_processes, state.micro_step)
+    from mmalign.train.data import iterate_batches
+
+    batches = iterate_batches(cfg, accelerator.process_index, accelerator.num_processes, skip=state.micro_step)
     progress = tqdm(total=cfg.train.max_steps, initial=state.global_step, desc="train",
                     disable=not (cfg.train.progress and accelerator.is_local_main_process))
     last_metrics: dict[str, float] = {}
@@ -292,7 +281,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             finite = torch.tensor(float(torch.isfinite(loss).item()), device=device)
             all_finite = bool(accelerator.reduce(finite, reduction="sum").item() == accelerator.num_processes)
             if all_finite:
-                accelerator.backward(loss / 1.0)
+                accelerator.backward(loss)
             grad_norm = None
             if accelerator.sync_gradients:
                 if all_finite and cfg.optim.max_grad_norm is not None:
