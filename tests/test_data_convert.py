@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
+import sys
 
 import pytest
 from data_helpers import jpeg, mp4, pickapic_rows, png, tar_members, write_jsonl, write_pickapic_parquet
 
 from mmalign.cli import main as cli_main
+from mmalign.data.convert import _pickapic_sample
 from mmalign.data import (
-    ConversionError, ConvertOptions, PairDataset, RankedDataset, UnsafeSourceError, VideoPairDataset, VLMPairDataset,
-    collate_pairs, convert_hpdv2, convert_jsonl, convert_pickapic, convert_trl, convert_videoalign, load_manifest,
-    validate_shards,
+    ConversionError, ConvertOptions, ManifestError, PairDataset, RankedDataset, ShardSetWriter, UnsafeSourceError,
+    VideoPairDataset, VLMPairDataset, collate_pairs, convert_hpdv2, convert_jsonl, convert_pickapic, convert_trl,
+    convert_videoalign, load_manifest, validate_shards,
 )
 
 
@@ -236,3 +239,120 @@ def test_cli_usage_errors(tmp_path, capsys):
     assert cli_main(["shards", "convert", "--from", "pickapic", "x.parquet", "--out", str(tmp_path),
                      "--video-root", "v"]) == 2
     assert "--video-root" in capsys.readouterr().err
+
+
+class Interrupted(Exception):
+    """Stands for Ctrl-C or a crash in the middle of a conversion."""
+
+
+def _interrupt_at(monkeypatch, stop_key: str | None) -> list[str]:
+    """Make the pickapic converter raise Interrupted on the row `stop_key`; returns the keys it processed."""
+    import mmalign.data.convert as convert_mod
+
+    seen: list[str] = []
+
+    def sample(rec, key, where, ctx):
+        if key == stop_key:
+            raise Interrupted
+        seen.append(key)
+        return _pickapic_sample(rec, key, where, ctx)
+
+    monkeypatch.setattr(convert_mod, "_pickapic_sample", sample)
+    return seen
+
+
+def test_interrupted_conversion_resumes_to_identical_shards(pickapic, tmp_path, monkeypatch, caplog):
+    import pyarrow.parquet as pq
+
+    src, _ = pickapic
+    opts = ConvertOptions(max_count=2, ties="coin", seed=1, progress=False)
+    clean = tmp_path / "clean"
+    convert_pickapic([src], clean, options=opts)
+    out = tmp_path / "out"
+    with pytest.raises(Interrupted):
+        _interrupt_at(monkeypatch, "train_00000_of_00002-000000009")
+        convert_pickapic([src], out, options=opts)
+    # samples: rows 0 1 | 2 4 | 5 6 | 7 (open, dropped) 9 ...: three finished shards, no manifest
+    assert sorted(p.name for p in out.iterdir()) == [".progress.json"] + [f"shard-00000{i}.tar" for i in range(3)]
+    with pytest.raises(ManifestError, match="did not finish"):
+        PairDataset(out)
+    (out / ".shard-000003.tar.tmp").write_bytes(b"half a shard")  # what a killed process leaves behind
+    first = (out / "shard-000000.tar").stat()
+
+    seen = _interrupt_at(monkeypatch, None)
+    groups_read = []
+    real_iter_batches = pq.ParquetFile.iter_batches
+
+    def iter_batches(self, *args, row_groups=None, **kwargs):
+        groups_read.append(row_groups)
+        return real_iter_batches(self, *args, row_groups=row_groups, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", iter_batches)
+    with caplog.at_level(logging.WARNING, logger="mmalign.data"):
+        assert cli_main(["shards", "convert", "--from", "pickapic", str(src), "--out", str(out), "--max-count", "2",
+                         "--ties", "coin", "--seed", "1", "--no-progress"]) == 0
+    assert "keeping its 3 finished shard(s) (6 samples)" in caplog.text
+    # the last kept sample is row 6: row group 0 (rows 0-3) is not read, rows 4-6 are read but not converted
+    assert groups_read == [[1, 2], [0]]
+    assert seen == [f"train_00000_of_00002-00000000{i}" for i in (7, 8, 9)] + [
+        f"train_00001_of_00002-00000000{i}" for i in range(4)]
+    assert (out / "shard-000000.tar").stat().st_mtime_ns == first.st_mtime_ns
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in clean.iterdir())
+    for p in clean.iterdir():  # shards and manifest (counts included) as if never interrupted
+        assert (out / p.name).read_bytes() == p.read_bytes(), p.name
+
+
+@pytest.mark.parametrize("change", ["options", "shard", "overwrite"])
+def test_interrupted_conversion_restarts_when_resuming_is_unsafe(pickapic, tmp_path, monkeypatch, change):
+    src, _ = pickapic
+    out = tmp_path / "out"
+    opts = ConvertOptions(max_count=2, progress=False)
+    with pytest.raises(Interrupted):
+        _interrupt_at(monkeypatch, "train_00001_of_00002-000000000")
+        convert_pickapic([src], out, options=opts)
+    if change == "options":
+        opts = ConvertOptions(max_count=2, ties="keep", progress=False)
+    elif change == "shard":
+        data = bytearray((out / "shard-000001.tar").read_bytes())
+        data[600] ^= 0xFF
+        (out / "shard-000001.tar").write_bytes(bytes(data))
+    else:
+        opts = ConvertOptions(max_count=2, overwrite=True, progress=False)
+    seen = _interrupt_at(monkeypatch, None)
+    man = convert_pickapic([src], out, options=opts)
+    assert len(seen) == 14  # every row again
+    clean = convert_pickapic([src], tmp_path / "clean", options=ConvertOptions(
+        max_count=2, ties=opts.ties, progress=False))
+    assert man.num_samples == clean.num_samples and not (out / ".progress.json").exists()
+    for entry in clean.shards:
+        assert (out / entry.name).read_bytes() == (tmp_path / "clean" / entry.name).read_bytes()
+
+
+def test_missing_optional_packages_name_the_extra(pickapic, tmp_path, monkeypatch, capsys):
+    from mmalign.data import MissingDependencyError, read_frames, video_pair_sample
+
+    src, _ = pickapic
+    video = mp4(4)
+    with ShardSetWriter(tmp_path / "videos", "video_pair") as w:
+        w.write(video_pair_sample("v-0", video, video, prompt="p", labels={"VQ": "A", "MQ": "B", "TA": "same"},
+                                  fps_a=8, fps_b=8, num_frames_a=4, num_frames_b=4))
+    for module in ("pyarrow", "pyarrow.parquet", "av", "decord"):
+        monkeypatch.setitem(sys.modules, module, None)  # `import` now raises ImportError
+    with pytest.raises(MissingDependencyError, match=r"pickapic converter.*pip install 'mmalign\[parquet\]'"):
+        convert_pickapic([src], tmp_path / "o")
+    (tmp_path / "rows.parquet").write_bytes(b"PAR1")
+    assert cli_main(["shards", "convert", "--from", "trl", str(tmp_path / "rows.parquet"), "--out",
+                     str(tmp_path / "o"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "rows.parquet: reading TRL rows from parquet needs the optional package 'pyarrow'" in err
+    assert "pip install 'mmalign[parquet]'" in err
+    with pytest.raises(MissingDependencyError, match=r"read_frames.*pip install 'mmalign\[video\]'"):
+        read_frames(video)
+    with pytest.raises(MissingDependencyError, match=r"backend='decord'.*pip install decord"):
+        read_frames(video, backend="decord")
+    with pytest.raises(MissingDependencyError, match=r"VideoPairDataset\(frames=...\).*mmalign\[video\]"):
+        VideoPairDataset(tmp_path / "videos", frames={"max_frames": 2})
+    assert [s["video_a"] for s in VideoPairDataset(tmp_path / "videos")] == [video]  # bytes need no decoder
+    assert cli_main(["shards", "validate", str(tmp_path / "videos")]) == 1
+    assert "--no-decode" in capsys.readouterr().err and cli_main(["shards", "validate", "--no-decode",
+                                                                 str(tmp_path / "videos")]) == 0

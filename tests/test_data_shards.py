@@ -191,6 +191,69 @@ for i in range(7):
         ShardSetWriter(out, "pair")
 
 
+# ------------------------------------------------------------------------------------------------ tar reading
+
+
+def _tar_bytes(members: list[tuple[str, bytes | None]], fmt: int, mode: str = "w") -> bytes:
+    """A tar made by Python's tarfile: (name, data) regular files, (name, None) directories, plus a symlink (with
+    a long target, GNU writes a `K` header and PAX an extended header the reader must skip)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode=mode, format=fmt) as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type = tarfile.DIRTYPE
+                tf.addfile(info)
+            else:
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("link")
+        link.type, link.linkname = tarfile.SYMTYPE, "x" * (50 if fmt == tarfile.USTAR_FORMAT else 150)
+        tf.addfile(link)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT],
+                         ids=["pax", "gnu", "ustar"])
+@pytest.mark.parametrize("compression", ["", "gz", "bz2", "xz"])
+def test_tar_reader_reads_what_tarfile_writes(fmt, compression):
+    from mmalign.data.tario import iter_members
+
+    long_dir = "d" * 90 + "/" + "e" * 60  # ustar stores it as prefix + name
+    members = [("k-0.json", b"{}"), ("dir", None), ("k-0.0.jpg", jpeg(0)), ("k-1.empty", b""),
+               ("k-1.block", b"b" * 512), ("k-1.odd", b"o" * 513), ("__meta__", b"skipped"),
+               (f"{long_dir}.jpg", b"long path"), ("caf\u00e9-2.txt", "é".encode())]
+    if fmt != tarfile.USTAR_FORMAT:
+        members.append(("k" * 120 + ".txt", b"a name longer than 100 bytes"))
+    data = _tar_bytes(members, fmt, f"w:{compression}" if compression else "w")
+    got = list(iter_members(io.BytesIO(data)))
+    expected = [(n, d) for n, d in members if d is not None and n != "__meta__"]
+    assert got == expected
+    with tarfile.open(fileobj=io.BytesIO(data)) as tf:  # and it agrees with tarfile
+        assert [m.name for m in tf.getmembers() if m.isreg() and m.name != "__meta__"] == [n for n, _ in got]
+
+
+def test_tar_reader_reports_corruption_and_truncation():
+    from mmalign.data.tario import iter_members, iter_samples
+
+    data = _tar_bytes([("k-0.json", b"{}"), ("k-0.0.jpg", b"j" * 700), ("k-1.json", b"{}")], tarfile.PAX_FORMAT)
+    second = 512 + 512  # header of k-0.0.jpg: after k-0.json's header and its one data block
+
+    def error(raw: bytes) -> str:
+        records = list(iter_samples(io.BytesIO(raw), "s.tar"))
+        return records[-1].get("__error__", "")
+
+    bad = bytearray(data)
+    bad[second + 10] ^= 0x01  # a name byte: only the checksum can tell
+    assert "checksum" in error(bytes(bad)) and "after key 'k-0'" in error(bytes(bad))
+    assert "while reading member 'k-0.0.jpg': truncated: 300 of 700" in error(data[: second + 512 + 300])
+    cut_at_boundary = data[: second + 512 + 1024 + 512 + 512]  # every member whole, end-of-archive blocks gone
+    assert [n for n, _ in iter_members(io.BytesIO(data))] == ["k-0.json", "k-0.0.jpg", "k-1.json"]
+    assert "end-of-archive" in error(cut_at_boundary)
+    assert "truncated header" in error(data[: second + 100])
+    assert "checksum" in error(b"this is not a tar file".ljust(2048, b"\0"))
+
+
 # ------------------------------------------------------------------------------------------------ validation
 
 

@@ -32,7 +32,7 @@ _EXPORTS = {
     "sanitize_key": "schemas", "ShardSetWriter": "writer",
     # manifests, safety, caches
     "Manifest": "manifest", "ManifestError": "manifest", "load_manifest": "manifest", "open_source": "manifest",
-    "UnsafeSourceError": "safety", "cache_key": "cache", "CacheWriter": "cache", "open_cache": "cache",
+    "UnsafeSourceError": "safety", "MissingDependencyError": "deps", "cache_key": "cache", "CacheWriter": "cache", "open_cache": "cache",
     "list_caches": "cache", "StaleCacheError": "cache",
     # converters and validation
     "ConvertOptions": "convert", "ConversionError": "convert", "convert_pickapic": "convert",

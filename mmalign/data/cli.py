@@ -62,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _convert(args: argparse.Namespace) -> int:
     from mmalign.data.convert import CONVERTERS, ConversionError, ConvertOptions
+    from mmalign.data.deps import MissingDependencyError
     from mmalign.data.safety import UnsafeSourceError
     from mmalign.data.writer import parse_size
 
@@ -95,7 +96,7 @@ def _convert(args: argparse.Namespace) -> int:
             manifest = fn(args.inputs[0], args.out, schema=args.schema, options=opts)
         else:
             manifest = fn(args.inputs[0], args.out, video_root=args.video_root, options=opts)
-    except (ConversionError, UnsafeSourceError, FileExistsError, ValueError, OSError) as err:
+    except (ConversionError, UnsafeSourceError, FileExistsError, ValueError, OSError, MissingDependencyError) as err:
         print(f"mmalign shards convert: {err}", file=sys.stderr)
         return 1
     counts = manifest.conversion.get("counts", {})
@@ -110,9 +111,14 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
+    from mmalign.data.deps import MissingDependencyError
     from mmalign.data.validate import validate_shards
 
-    report = validate_shards(args.dir, decode=not args.no_decode)
+    try:
+        report = validate_shards(args.dir, decode=not args.no_decode)
+    except MissingDependencyError as err:
+        print(f"mmalign shards validate: {err}", file=sys.stderr)
+        return 1
     for issue in report.issues[: args.max_print]:
         print(f"ERROR\t{issue}")
     if len(report.issues) > args.max_print:

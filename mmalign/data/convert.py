@@ -6,6 +6,11 @@ always gives byte-identical shards. Rows that cannot be used are dropped, counte
 and row (`strict=True` stops at the first one instead); the counts go into `manifest.json` under `conversion`.
 Paths written inside an input (image / video paths) must stay inside their base folder.
 
+Re-running an interrupted conversion with the same inputs and options resumes it: the finished shards are checked
+and kept, the rows they hold are skipped (whole parquet row groups and files unread), and the counts continue from
+the journal (see `writer.py`); the result is byte-identical to an uninterrupted run. `overwrite=True` always
+starts from the beginning.
+
 | format | input | schema |
 |---|---|---|
 | `pickapic` | Pick-a-Pic v2 parquet files or folders of them | `pair` |
@@ -28,12 +33,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal
 
+from mmalign.data.deps import require
 from mmalign.data.manifest import Manifest
 from mmalign.data.safety import UnsafeSourceError, safe_join
 from mmalign.data.schemas import (
     SampleError, is_mp4, pair_sample, ranked_sample, sanitize_key, video_pair_sample, vlm_pair_sample,
 )
-from mmalign.data.writer import DEFAULT_MAX_BYTES, DEFAULT_MAX_COUNT, ShardSetWriter
+from mmalign.data.writer import DEFAULT_MAX_BYTES, DEFAULT_MAX_COUNT, ShardSetWriter, parse_size
 
 logger = logging.getLogger("mmalign.data.convert")
 
@@ -84,6 +90,15 @@ class Counts:
                 "ties_dropped": self.dropped.get("tie", 0), "ties_kept": self.ties_kept,
                 "ties_coin": self.ties_coin}
 
+    def state(self) -> dict[str, Any]:
+        """Everything, losslessly (for the resume journal)."""
+        return {"rows": self.rows, "kept": self.kept, "dropped": dict(self.dropped), "ties": self.ties,
+                "ties_kept": self.ties_kept, "ties_coin": self.ties_coin}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> "Counts":
+        return cls(**{**state, "dropped": Counter(state["dropped"])})
+
     def summary(self) -> str:
         d = self.to_dict()
         reasons = ", ".join(f"{k} {v}" for k, v in d["dropped_reasons"].items()) or "none"
@@ -97,6 +112,7 @@ class _Ctx:
     def __init__(self, opts: ConvertOptions):
         self.opts = opts
         self.counts = Counts()
+        self.resume_after: str | None = None  # rows with keys up to this one were written by an interrupted run
 
     def drop(self, where: str, reason: str, detail: str = "") -> None:
         if self.opts.strict:
@@ -156,16 +172,37 @@ def _progress(total: int | None, desc: str, enabled: bool | None):
                 dynamic_ncols=True)
 
 
+def _rows(items: Iterable[tuple[str, str, Any]], total: int | None, desc: str, ctx: _Ctx,
+          make: Callable[[Any, str, str], dict | None]) -> Iterator[dict]:
+    """The row loop of every converter: progress, `limit`, row counts, and skipping the rows a resumed run
+    already wrote. `items` gives `(key, where, record)` in key order; `make(record, key, where)` returns the
+    sample, or None for a dropped row (counted by `ctx.drop`)."""
+    with _progress(total, desc, ctx.opts.progress) as bar:
+        for key, where, rec in items:
+            bar.update()
+            if ctx.resume_after is not None and key <= ctx.resume_after:
+                continue
+            if _limited(ctx):
+                return
+            ctx.counts.rows += 1
+            sample = make(rec, key, where)
+            if sample is not None:
+                yield sample
+
+
 def _write(out: str | os.PathLike, schema: str, samples: Iterator[dict], ctx: _Ctx, info: dict[str, Any]) -> Manifest:
+    options = {"ties": ctx.opts.ties, "seed": ctx.opts.seed, "limit": ctx.opts.limit,
+               "max_count": ctx.opts.max_count, "max_bytes": parse_size(ctx.opts.max_bytes)}
+    identity = None if ctx.opts.overwrite else {**info, "options": options, "strict": ctx.opts.strict}
     with ShardSetWriter(out, schema, max_count=ctx.opts.max_count, max_bytes=ctx.opts.max_bytes,
-                        overwrite=ctx.opts.overwrite) as writer:
-        for sample in samples:
-            writer.write(sample)
+                        overwrite=ctx.opts.overwrite, resume=identity) as writer:
+        if writer.resumed_progress is not None:
+            ctx.counts = Counts.from_state(writer.resumed_progress["counts"])
+            ctx.resume_after = writer.resumed_progress["key"]
+        for sample in samples:  # the generator starts here, after resume_after is known
             ctx.counts.kept += 1
-        writer.set_conversion({**info, "options": {"ties": ctx.opts.ties, "seed": ctx.opts.seed,
-                                                   "limit": ctx.opts.limit, "max_count": ctx.opts.max_count,
-                                                   "max_bytes": writer.max_bytes},
-                               "counts": ctx.counts.to_dict()})
+            writer.write(sample, progress={"key": sample["__key__"], "counts": ctx.counts.state()})
+        writer.set_conversion({**info, "options": options, "counts": ctx.counts.to_dict()})
         manifest = writer.close()
     if ctx.counts.rows and not ctx.counts.kept:
         logger.warning("%s: no row was kept (%s)", out, ctx.counts.summary())
@@ -185,30 +222,28 @@ def _read_file(base: Path, rel: str, where: str, what: str) -> bytes:
 # Pick-a-Pic v2
 
 
-def _pickapic_rows(files: list[tuple[str, Path]], ctx: _Ctx) -> Iterator[dict]:
-    import pyarrow.parquet as pq
-
-    total = sum(pq.ParquetFile(p).metadata.num_rows for _, p in files)
-    with _progress(min(total, ctx.opts.limit or total), "pickapic", ctx.opts.progress) as bar:
-        for stem, path in files:
-            pf = pq.ParquetFile(path)
-            names = pf.schema_arrow.names
-            missing = [c for c in PICKAPIC_COLUMNS if c not in names]
-            if missing:
-                raise ConversionError(f"{path}: not a Pick-a-Pic parquet: missing columns {missing} (found {names})")
-            columns = list(PICKAPIC_COLUMNS) + [c for c in PICKAPIC_ID_COLUMNS if c in names]
-            row = 0
-            for batch in pf.iter_batches(batch_size=128, columns=columns):
-                for rec in batch.to_pylist():
-                    if _limited(ctx):
-                        return
-                    key, where = _row_key(stem, row), f"{path.name} row {row}"
-                    row += 1
-                    ctx.counts.rows += 1
-                    bar.update()
-                    sample = _pickapic_sample(rec, key, where, ctx)
-                    if sample is not None:
-                        yield sample
+def _pickapic_items(pq: Any, files: list[tuple[str, Path]], ctx: _Ctx) -> Iterator[tuple[str, str, dict]]:
+    """Rows of the parquet files (`pq`: pyarrow.parquet); row groups a resumed run already wrote are not read."""
+    for stem, path in files:
+        pf = pq.ParquetFile(path)
+        names = pf.schema_arrow.names
+        missing = [c for c in PICKAPIC_COLUMNS if c not in names]
+        if missing:
+            raise ConversionError(f"{path}: not a Pick-a-Pic parquet: missing columns {missing} (found {names})")
+        columns = list(PICKAPIC_COLUMNS) + [c for c in PICKAPIC_ID_COLUMNS if c in names]
+        row, groups = 0, list(range(pf.metadata.num_row_groups))
+        while groups and ctx.resume_after is not None:
+            n = pf.metadata.row_group(groups[0]).num_rows
+            if _row_key(stem, row + n - 1) > ctx.resume_after:
+                break
+            row += n
+            groups.pop(0)
+        if not groups:
+            continue
+        for batch in pf.iter_batches(batch_size=128, row_groups=groups, columns=columns):
+            for rec in batch.to_pylist():
+                yield _row_key(stem, row), f"{path.name} row {row}", rec
+                row += 1
 
 
 def _pickapic_sample(rec: dict, key: str, where: str, ctx: _Ctx) -> dict | None:
@@ -247,8 +282,12 @@ def convert_pickapic(inputs: Iterable[str | os.PathLike], out: str | os.PathLike
     follow `options.ties` (drop / keep as label 0.5 / coin: a seeded coin flip per key picks a winner)."""
     ctx = _Ctx(options or ConvertOptions())
     files = _sorted_inputs(inputs, (".parquet",))
+    pq = require("pyarrow.parquet", "the pickapic converter (parquet input)")
+    total = sum(pq.ParquetFile(p).metadata.num_rows for _, p in files)
     info = {"from": "pickapic", "inputs": [{"name": p.name, "bytes": p.stat().st_size} for _, p in files]}
-    return _write(out, "pair", _pickapic_rows(files, ctx), ctx, info)
+    rows = _rows(_pickapic_items(pq, files, ctx), min(total, ctx.opts.limit or total), "pickapic", ctx,
+                 lambda rec, key, where: _pickapic_sample(rec, key, where, ctx))
+    return _write(out, "pair", rows, ctx, info)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -274,20 +313,11 @@ def convert_hpdv2(json_path: str | os.PathLike, out: str | os.PathLike, *, image
     if not isinstance(entries, list):
         raise ConversionError(f"{path}: HPD v2 train JSON must be a list of entries")
     stem = sanitize_key(path.name.split(".")[0])
-
-    def rows() -> Iterator[dict]:
-        with _progress(len(entries), "hpdv2", ctx.opts.progress) as bar:
-            for i, entry in enumerate(entries):
-                if _limited(ctx):
-                    return
-                ctx.counts.rows += 1
-                bar.update()
-                sample = _hpdv2_sample(entry, _row_key(stem, i), f"{path.name} entry {i}", i, root, schema, ctx)
-                if sample is not None:
-                    yield sample
-
+    items = ((_row_key(stem, i), f"{path.name} entry {i}", (i, entry)) for i, entry in enumerate(entries))
+    rows = _rows(items, len(entries), "hpdv2", ctx,
+                 lambda rec, key, where: _hpdv2_sample(rec[1], key, where, rec[0], root, schema, ctx))
     info = {"from": "hpdv2", "inputs": [{"name": path.name, "bytes": path.stat().st_size}], "schema": schema}
-    return _write(out, schema, rows(), ctx, info)
+    return _write(out, schema, rows, ctx, info)
 
 
 def _hpdv2_sample(entry: Any, key: str, where: str, index: int, root: Path, schema: str, ctx: _Ctx) -> dict | None:
@@ -349,23 +379,12 @@ def convert_jsonl(path: str | os.PathLike, out: str | os.PathLike, *, schema: Li
                                   "of label_0, scores); pass schema=")
         schema = "pair" if "label_0" in first else "ranked"
     stem = sanitize_key(path.name.split(".")[0])
-
-    def rows() -> Iterator[dict]:
-        with _progress(len(lines), "jsonl", ctx.opts.progress) as bar:
-            for i, line in enumerate(lines):
-                bar.update()
-                if not line.strip():
-                    continue
-                if _limited(ctx):
-                    return
-                ctx.counts.rows += 1
-                sample = _jsonl_sample(line, _row_key(stem, i), f"{path.name} line {i + 1}", path.parent, schema,
-                                       ctx)
-                if sample is not None:
-                    yield sample
-
+    numbered = [(i, line) for i, line in enumerate(lines) if line.strip()]
+    items = ((_row_key(stem, i), f"{path.name} line {i + 1}", line) for i, line in numbered)
+    rows = _rows(items, len(numbered), "jsonl", ctx,
+                 lambda line, key, where: _jsonl_sample(line, key, where, path.parent, schema, ctx))
     info = {"from": "jsonl", "inputs": [{"name": path.name, "bytes": path.stat().st_size}], "schema": schema}
-    return _write(out, schema, rows(), ctx, info)
+    return _write(out, schema, rows, ctx, info)
 
 
 def _jsonl_sample(line: str, key: str, where: str, base: Path, schema: str, ctx: _Ctx) -> dict | None:
@@ -423,20 +442,11 @@ def convert_videoalign(csv_path: str | os.PathLike, out: str | os.PathLike, *,
                                   f"(found {reader.fieldnames})")
         records = list(reader)
     stem = sanitize_key(path.name.split(".")[0])
-
-    def rows() -> Iterator[dict]:
-        with _progress(len(records), "videoalign", ctx.opts.progress) as bar:
-            for i, rec in enumerate(records):
-                if _limited(ctx):
-                    return
-                ctx.counts.rows += 1
-                bar.update()
-                sample = _videoalign_sample(rec, _row_key(stem, i), f"{path.name} row {i + 1}", i, root, ctx)
-                if sample is not None:
-                    yield sample
-
+    items = ((_row_key(stem, i), f"{path.name} row {i + 1}", (i, rec)) for i, rec in enumerate(records))
+    rows = _rows(items, len(records), "videoalign", ctx,
+                 lambda rec, key, where: _videoalign_sample(rec[1], key, where, rec[0], root, ctx))
     info = {"from": "videoalign", "inputs": [{"name": path.name, "bytes": path.stat().st_size}]}
-    return _write(out, "video_pair", rows(), ctx, info)
+    return _write(out, "video_pair", rows, ctx, info)
 
 
 def _videoalign_sample(rec: dict, key: str, where: str, index: int, root: Path, ctx: _Ctx) -> dict | None:
@@ -582,8 +592,7 @@ def _trl_sample(rec: dict, key: str, where: str, base: Path, ctx: _Ctx, defaults
 
 def _trl_records(path: Path) -> tuple[int, Callable[[], Iterator[dict]]]:
     if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
+        pq = require("pyarrow.parquet", f"{path.name}: reading TRL rows from parquet")
         pf = pq.ParquetFile(path)
 
         def gen() -> Iterator[dict]:
@@ -625,27 +634,24 @@ def convert_trl(inputs: Iterable[str | os.PathLike], out: str | os.PathLike, *,
     ctx = _Ctx(options or ConvertOptions())
     files = _sorted_inputs(inputs, (".jsonl", ".parquet", ".json"))
     defaults = {"origin": origin, **({"generator": generator} if generator else {})}
+    readers = [(stem, path, *_trl_records(path)) for stem, path in files]
 
-    def rows() -> Iterator[dict]:
-        for stem, path in files:
-            total, records = _trl_records(path)
+    def items() -> Iterator[tuple[str, str, tuple[Path, dict]]]:
+        for stem, path, _, records in readers:
             base = Path(image_root) if image_root is not None else path.parent
-            with _progress(total, f"trl {path.name}", ctx.opts.progress) as bar:
-                for i, rec in enumerate(records()):
-                    if _limited(ctx):
-                        return
-                    ctx.counts.rows += 1
-                    bar.update()
-                    where = f"{path.name} row {i + 1}"
-                    if "__bad_json__" in rec:
-                        ctx.drop(where, "bad_json", rec["__bad_json__"])
-                        continue
-                    sample = _trl_sample(rec, _row_key(stem, i), where, base, ctx, defaults)
-                    if sample is not None:
-                        yield sample
+            for i, rec in enumerate(records()):
+                yield _row_key(stem, i), f"{path.name} row {i + 1}", (base, rec)
 
+    def make(item: tuple[Path, dict], key: str, where: str) -> dict | None:
+        base, rec = item
+        if "__bad_json__" in rec:
+            ctx.drop(where, "bad_json", rec["__bad_json__"])
+            return None
+        return _trl_sample(rec, key, where, base, ctx, defaults)
+
+    rows = _rows(items(), sum(total for _, _, total, _ in readers), "trl", ctx, make)
     info = {"from": "trl", "inputs": [{"name": p.name, "bytes": p.stat().st_size} for _, p in files]}
-    return _write(out, "vlm_pair", rows(), ctx, info)
+    return _write(out, "vlm_pair", rows, ctx, info)
 
 
 CONVERTERS = {"pickapic": convert_pickapic, "hpdv2": convert_hpdv2, "jsonl": convert_jsonl,

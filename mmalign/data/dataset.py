@@ -40,11 +40,12 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from mmalign.data.cache import CacheInfo, decode_cache_entry, join_cache, open_cache
+from mmalign.data.deps import require
 from mmalign.data.manifest import ShardSource, open_source
 from mmalign.data.schemas import SampleError, check_sample, load_npy
 from mmalign.data.tario import read_shard
 from mmalign.data.transforms import ImageTransforms, sample_rng, transform_images
-from mmalign.data.video import FrameSampling, read_frames
+from mmalign.data.video import FrameSampling, have_decord, read_frames
 
 logger = logging.getLogger("mmalign.data")
 
@@ -503,6 +504,9 @@ class VideoPairDataset(ShardDataset):
     def __init__(self, source, *, frames: FrameSampling | dict | None = None, **kwargs: Any):
         super().__init__(source, **kwargs)
         self.frames = FrameSampling.model_validate(frames) if isinstance(frames, dict) else frames
+        if self.frames is not None:  # fail now, not in a DataLoader worker
+            backend = self.frames.backend or ("decord" if have_decord() else "pyav")
+            require("decord" if backend == "decord" else "av", f"VideoPairDataset(frames=...) ({backend} backend)")
 
     def _decode(self, raw, lay, meta, epoch):
         out = {"prompt": meta.prompt, "labels": dict(meta.labels), "fps": (meta.fps_a, meta.fps_b),

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mmalign.data.cache import list_caches
+from mmalign.data.deps import require
 from mmalign.data.manifest import MANIFEST_NAME, ManifestError, load_manifest
 from mmalign.data.safety import UnsafeSourceError, safe_join
 from mmalign.data.schemas import IMAGE_FORMATS, SampleError, check_key, check_sample, load_npy
@@ -67,7 +68,7 @@ def _check_image(data: bytes, suffix: str) -> None:
 
 
 def _count_video_frames(data: bytes, suffix: str) -> int:
-    import av
+    av = require("av", "decoding the videos of video_pair samples (validate with --no-decode to skip it)")
 
     try:
         with av.open(io.BytesIO(data)) as container:
@@ -81,7 +82,7 @@ def _count_video_frames(data: bytes, suffix: str) -> int:
 
 
 def _check_audio(data: bytes, suffix: str) -> None:
-    import av
+    av = require("av", "decoding the audio of music_pair samples (validate with --no-decode to skip it)")
 
     try:
         with av.open(io.BytesIO(data)) as container:

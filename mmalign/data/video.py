@@ -13,8 +13,10 @@ from fractions import Fraction
 from typing import Literal
 
 from mmalign.config import StrictModel
+from mmalign.data.deps import require
 
-def _have_decord() -> bool:
+
+def have_decord() -> bool:
     try:
         import decord  # noqa: F401
     except ImportError:
@@ -58,7 +60,7 @@ def fit_pixels(height: int, width: int, max_pixels: int | None) -> tuple[int, in
 
 def video_info(src: str | os.PathLike | bytes) -> dict:
     """`{"fps", "num_frames", "height", "width"}` of a video, by demuxing (no decoding) with PyAV."""
-    import av
+    av = require("av", "video_info")
 
     with av.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else os.fspath(src)) as container:
         stream = container.streams.video[0]
@@ -77,7 +79,7 @@ def read_frames(src: str | os.PathLike | bytes, fps: float | None = None, max_fr
     backend: None picks decord if installed, else PyAV.
     """
     if backend is None:
-        backend = "decord" if _have_decord() else "pyav"
+        backend = "decord" if have_decord() else "pyav"
     if backend == "decord":
         return _read_decord(src, fps, max_frames, max_pixels)
     if backend == "pyav":
@@ -86,8 +88,10 @@ def read_frames(src: str | os.PathLike | bytes, fps: float | None = None, max_fr
 
 
 def _read_decord(src, fps, max_frames, max_pixels):
-    import decord
     import torch
+
+    decord = require("decord", "read_frames(backend='decord') (x86-64 Linux wheels only; backend='pyav' reads "
+                     "everywhere)")
 
     f = io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else os.fspath(src)
     probe = decord.VideoReader(f, num_threads=1)
@@ -106,9 +110,10 @@ def _read_decord(src, fps, max_frames, max_pixels):
 
 
 def _read_pyav(src, fps, max_frames, max_pixels):
-    import av
     import numpy as np
     import torch
+
+    av = require("av", "read_frames (PyAV backend; decord is not installed)")
 
     def _open():
         return av.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else os.fspath(src))

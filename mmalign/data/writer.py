@@ -6,12 +6,18 @@ Guarantees:
 - the same samples give byte-identical shards (fixed tar metadata: mtime 0, owner `mmalign`, mode 0444);
 - each shard is written to a hidden temporary name (`.shard-000003.tar.tmp`), fsynced, then renamed, and
   `manifest.json` is written (atomically) only when every shard is complete: an interrupted run leaves no
-  manifest, readers refuse the folder, and re-running the conversion starts it cleanly.
+  manifest and readers refuse the folder;
+- with a `resume` identity (the converters pass their inputs and options), every finished shard is also recorded
+  in a hidden journal (`.progress.json`) with the caller's progress after its last sample; a re-run with the same
+  identity checks the finished shards (size and sha256), keeps them and tells the caller where to continue.
+  Without a journal, or when it does not match, the leftovers are removed and the set is written from the start.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -20,7 +26,10 @@ from typing import Any
 from mmalign.data.manifest import MANIFEST_NAME, Manifest, ShardEntry
 from mmalign.data.schemas import SCHEMA_VERSIONS, SampleError, check_key, check_sample
 
+logger = logging.getLogger("mmalign.data")
+
 DEFAULT_MAX_COUNT = 1000
+JOURNAL_NAME = ".progress.json"
 DEFAULT_MAX_BYTES = 512 * 2**20
 
 _BLOCK = 512
@@ -61,6 +70,20 @@ def parse_size(text: str | int) -> int:
     return int(float(m.group(1)) * base**power)
 
 
+def _sha256(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 class ShardSetWriter:
     """Write samples of one schema into `out_dir` as `shard-000000.tar`, ... plus `manifest.json`.
 
@@ -73,12 +96,17 @@ class ShardSetWriter:
             writer.set_conversion({"from": "mine", "counts": {...}})
 
     A new shard starts when the current one holds `max_count` samples or the next sample would take it past
-    `max_bytes` (a single larger sample gets a shard of its own). `out_dir` may hold the leftovers of an
-    interrupted run (they are removed); a complete shard set there is an error unless `overwrite=True`.
+    `max_bytes` (a single larger sample gets a shard of its own). A complete shard set in `out_dir` is an error
+    unless `overwrite=True`. `out_dir` may hold the leftovers of an interrupted run: they are removed, unless
+    `resume` (any JSON-serialisable identity of the run: inputs, options) equals the interrupted run's; then its
+    finished shards are kept and `resumed_progress` is the `progress` passed with the last sample they hold
+    (None when nothing was resumed). Resuming is only correct for a deterministic producer that skips what it
+    already wrote, as the converters do.
     """
 
     def __init__(self, out_dir: str | os.PathLike, schema: str, *, max_count: int = DEFAULT_MAX_COUNT,
-                 max_bytes: int | str = DEFAULT_MAX_BYTES, overwrite: bool = False, prefix: str = "shard"):
+                 max_bytes: int | str = DEFAULT_MAX_BYTES, overwrite: bool = False, prefix: str = "shard",
+                 resume: Any = None):
         if schema not in SCHEMA_VERSIONS:
             raise ValueError(f"unknown schema {schema!r}; valid: {sorted(SCHEMA_VERSIONS)}")
         if max_count < 1:
@@ -94,7 +122,11 @@ class ShardSetWriter:
         self.prefix = prefix
         self.conversion: dict[str, Any] = {}
         self.shards: list[ShardEntry] = []
-        self._prepare(overwrite)
+        self.resumed_progress: Any = None
+        self._identity = None if resume is None else json.loads(json.dumps(
+            {"resume": resume, "schema": schema, "max_count": max_count, "max_bytes": self.max_bytes,
+             "prefix": prefix}, sort_keys=True))
+        self._progress: Any = None  # the caller's progress after the last sample written
         self._tar = None
         self._fh = None
         self._hash: _HashingFile | None = None
@@ -105,6 +137,7 @@ class ShardSetWriter:
         self._first_key: str | None = None
         self._last_key: str | None = None
         self._closed = False
+        self._prepare(overwrite)
 
     # -- folder handling -------------------------------------------------------------------------------------
     def _prepare(self, overwrite: bool) -> None:
@@ -115,10 +148,43 @@ class ShardSetWriter:
                 raise FileExistsError(f"{self.out_dir}: already holds a complete shard set ({MANIFEST_NAME}); "
                                       "pass overwrite=True (--overwrite) to replace it")
             manifest.unlink()  # first, so that an interrupted overwrite never leaves a manifest over new shards
+        kept = self._resumable()
         pattern = re.compile(rf"^(\.{re.escape(self.prefix)}-\d+\.tar\.tmp|{re.escape(self.prefix)}-\d+\.tar)$")
         for old in self.out_dir.iterdir():
-            if old.is_file() and pattern.match(old.name):
+            if old.is_file() and pattern.match(old.name) and old.name not in kept:
                 old.unlink()
+        if not kept:
+            (self.out_dir / JOURNAL_NAME).unlink(missing_ok=True)
+
+    def _resumable(self) -> set[str]:
+        """Adopt the finished shards of an interrupted run with the same identity; returns their names."""
+        path = self.out_dir / JOURNAL_NAME
+        if self._identity is None or not path.is_file():
+            return set()
+        try:
+            journal = json.loads(path.read_text())
+            same = journal.get("identity") == self._identity
+            shards = [ShardEntry.model_validate(e) for e in journal["shards"]] if same else []
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            logger.warning("%s: unreadable %s (%s); converting from the start", self.out_dir, JOURNAL_NAME, err)
+            return set()
+        if not same:
+            logger.warning("%s: the interrupted run there had other inputs or options; converting from the start",
+                           self.out_dir)
+            return set()
+        for entry in shards:
+            file = self.out_dir / entry.name
+            if not file.is_file() or file.stat().st_size != entry.bytes or _sha256(file) != entry.sha256:
+                logger.warning("%s: finished shard %s of the interrupted run is missing or changed; converting from "
+                               "the start", self.out_dir, entry.name)
+                return set()
+        self.shards = shards
+        if shards:
+            self._last_key = shards[-1].last_key
+            self.resumed_progress = journal.get("progress")
+            logger.warning("%s: resuming an interrupted run: keeping its %d finished shard(s) (%d samples)",
+                           self.out_dir, len(shards), sum(e.count for e in shards))
+        return {e.name for e in shards}
 
     # -- writing ---------------------------------------------------------------------------------------------
     def _open_shard(self) -> None:
@@ -146,9 +212,23 @@ class ShardSetWriter:
             first_key=self._first_key, last_key=self._last_key, ties=self._ties if self.schema == "pair" else None,
         ))
         self._tar = self._fh = self._hash = self._tmp = None
+        if self._identity is not None:
+            self._write_text(JOURNAL_NAME, json.dumps({
+                "identity": self._identity, "shards": [e.model_dump(mode="json") for e in self.shards],
+                "progress": self._progress}, sort_keys=True))
 
-    def write(self, sample: dict[str, Any]) -> None:
-        """Write one sample: `{"__key__": key, suffix: bytes, ...}` as made by `pair_sample` and friends."""
+    def _write_text(self, name: str, text: str) -> None:
+        """Atomic write with the folder's usual file mode (the temporary file is created private)."""
+        from mmalign.config import atomic_write_text
+
+        atomic_write_text(self.out_dir / name, text)
+        os.chmod(self.out_dir / name, 0o666 & ~_umask())
+
+    def write(self, sample: dict[str, Any], progress: Any = None) -> None:
+        """Write one sample: `{"__key__": key, suffix: bytes, ...}` as made by `pair_sample` and friends.
+
+        `progress` (JSON-serialisable) is the caller's state after this sample; with `resume`, the journal keeps
+        the one of each finished shard's last sample, and a resumed writer returns it as `resumed_progress`."""
         if self._closed:
             raise RuntimeError("write() after close()")
         key = check_key(sample.get("__key__", ""))
@@ -178,6 +258,7 @@ class ShardSetWriter:
         if self._first_key is None:
             self._first_key = key
         self._last_key = key
+        self._progress = progress
 
     def set_conversion(self, conversion: dict[str, Any]) -> None:
         """What made these shards (converter, options, inputs, counts); stored in the manifest."""
@@ -186,7 +267,6 @@ class ShardSetWriter:
     def close(self) -> Manifest:
         """Finish the last shard and write `manifest.json`. Returns the manifest."""
         from mmalign import __version__
-        from mmalign.config import atomic_write_text
 
         if self._closed:
             raise RuntimeError("close() called twice")
@@ -198,7 +278,8 @@ class ShardSetWriter:
             num_samples=sum(s.count for s in self.shards), shards=self.shards, conversion=self.conversion,
             created_by=f"mmalign {__version__}",
         )
-        atomic_write_text(self.out_dir / MANIFEST_NAME, manifest.to_json())
+        self._write_text(MANIFEST_NAME, manifest.to_json())
+        (self.out_dir / JOURNAL_NAME).unlink(missing_ok=True)
         return manifest
 
     def abort(self) -> None:
