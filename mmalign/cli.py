@@ -23,15 +23,13 @@ class Subcommand:
 
 SUBCOMMANDS: tuple[Subcommand, ...] = (
     Subcommand("train", "train a model with a preference recipe (CONFIG + key=value overrides)", "mmalign.train.cli"),
-    Subcommand("score", "score shards with reward models", None,
-               "batch scoring of shards with reward models (mmalign.rewards)"),
+    Subcommand("score", "score shards with reward models", "mmalign.rewards.cli"),
     Subcommand("guide", "sample with inference-time reward guidance", None,
                "inference-time reward guidance (mmalign.guidance)"),
-    Subcommand("selfgen", "generate preference data with the model itself (STIC, BDHS, ranked sets)", None,
-               "self-generated preference data (mmalign.selfgen)"),
+    Subcommand("selfgen", "generate preference data with the model itself (STIC, BDHS, ranked sets)",
+               "mmalign.selfgen.cli"),
     Subcommand("shards", "convert, validate and inspect webdataset shards", "mmalign.data.cli"),
-    Subcommand("eval", "evaluate reward models and aligned models", None,
-               "evaluation of reward models and aligned models (mmalign.rewards / mmalign.toy)"),
+    Subcommand("eval", "evaluate reward models and aligned models", "mmalign.eval.cli"),
     Subcommand("quickstart", "prove alignment end to end on the toy world (the first command to run)",
                "mmalign.quickstart"),
     Subcommand("bench", "run a benchmark and print ratios against a baseline measured in the same run", None,
@@ -49,6 +47,25 @@ def _load(sub: Subcommand):
         if err.name == sub.module or sub.module.startswith(f"{err.name}."):
             return None
         raise
+
+
+def add_nested_commands(parser: argparse.ArgumentParser, table: dict[str, tuple[str, str]], dest: str) -> None:
+    """Sub-commands of a sub-command (`mmalign eval reward`): `table` maps a name to (module exposing
+    add_arguments/run, help)."""
+    sub = parser.add_subparsers(dest=dest, metavar="{" + ",".join(table) + "}")
+    for name, (module, help_text) in table.items():
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        mod = importlib.import_module(module)
+        mod.add_arguments(sp)
+        sp.set_defaults(_nested_run=mod.run)
+
+
+def run_nested_command(args: argparse.Namespace, command: str, table: dict[str, tuple[str, str]]) -> int:
+    handler = getattr(args, "_nested_run", None)
+    if handler is None:
+        print(f"mmalign {command}: choose one of {', '.join(table)} (see --help)", file=sys.stderr)
+        return 2
+    return int(handler(args) or 0)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,26 @@
+"""`mmalign eval COMMAND`: one sub-command per kind of evaluation.
+
+To add one, add a row to `EVAL_COMMANDS`: the module exposes `add_arguments(parser)` and `run(args) -> int`.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+# name -> (module, help)
+EVAL_COMMANDS: dict[str, tuple[str, str]] = {
+    "reward": ("mmalign.eval.reward",
+               "reward models vs labelled shards: pairwise accuracy, accuracy with ties, inversion score"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from mmalign.cli import add_nested_commands
+
+    add_nested_commands(parser, EVAL_COMMANDS, dest="eval_command")
+
+
+def run(args: argparse.Namespace) -> int:
+    from mmalign.cli import run_nested_command
+
+    return run_nested_command(args, "eval", EVAL_COMMANDS)

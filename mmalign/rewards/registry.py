@@ -1,0 +1,128 @@
+"""Scorers by name: `load_scorer("pickscore")`, `load_scorer("hps=/ckpt/HPS_v2.1_compressed.pt")`,
+`load_scorer("runs/rm/export")` (a folder with `mmalign_scorer.json`), `load_scorer("my_pkg.rewards:fn")`.
+
+Spec grammar: `NAME`, `NAME=SOURCE` (a local folder / file or a hub id), `FOLDER` (an exported reward model), or
+`package.module:function`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Callable
+
+import torch
+
+from mmalign.rewards.base import Scorer, ScorerError
+
+
+def _clip_score(source):
+    from mmalign.rewards.clip import clip_score
+
+    return clip_score(source) if source else clip_score()
+
+
+def _pickscore(source):
+    from mmalign.rewards.clip import pickscore
+
+    return pickscore(source) if source else pickscore()
+
+
+def _hps(source):
+    from mmalign.rewards.hpsv2 import hps
+
+    if source in ("v2.0", "v2.1"):
+        return hps(version=source)
+    return hps(source)
+
+
+def _aesthetic(source):
+    from mmalign.rewards.laion_aesthetic import aesthetic
+
+    if source is None:
+        raise ScorerError("aesthetic needs a source: aesthetic=FOLDER (exported) or use "
+                          "mmalign.rewards.laion_aesthetic.aesthetic(mlp=..., clip=...) from Python")
+    return aesthetic(source)
+
+
+def _video(source):
+    from mmalign.rewards.video import VideoScorer
+
+    if source is None:
+        raise ScorerError("video needs a source: video=FOLDER (a folder written by VideoRewardModel.save_pretrained)")
+    return VideoScorer.from_pretrained(source)
+
+
+def _toy(component: str) -> Callable:
+    def build(source):
+        from mmalign.rewards.toy import ToyScorer
+
+        if source:
+            raise ScorerError(f"toy scorers take no source, got {source!r}")
+        return ToyScorer(component)
+
+    return build
+
+
+SCORERS: dict[str, Callable[[str | None], Scorer]] = {
+    "clip_score": _clip_score, "pickscore": _pickscore, "hps": _hps, "aesthetic": _aesthetic, "video": _video,
+    "toy": _toy("all"), "toy_color": _toy("color"), "toy_color_soft": _toy("color_soft"),
+    "toy_shape": _toy("shape"), "toy_position": _toy("position"), "toy_total": _toy("total"),
+}
+_FUNCTION = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+
+
+def _from_folder(folder: str) -> Scorer:
+    from mmalign.rewards.clip import CLIPScorer, read_scorer_card
+
+    card = read_scorer_card(folder)
+    if card is None:
+        raise ScorerError(f"{folder}: not an exported reward model (no mmalign_scorer.json); use NAME=FOLDER with "
+                          f"NAME one of {sorted(SCORERS)}")
+    kind = card.get("kind")
+    if kind == "clip":
+        from mmalign.rewards.clip import load_clip_scorer
+        from mmalign.rewards.preprocess import ImagePreprocess
+
+        scorer = load_clip_scorer(folder, name=card.get("name", "clip"), scale=card["scale"],
+                                  preprocess_mode=card["preprocess"]["mode"])
+        scorer.preprocess = ImagePreprocess(**card["preprocess"])
+        return scorer
+    if kind == "hps":
+        from mmalign.rewards.hpsv2 import hps
+
+        scorer: CLIPScorer = hps(folder)
+        scorer.name = card.get("name", "hps")
+        return scorer
+    if kind in ("aesthetic", "video"):
+        return SCORERS[kind](folder)
+    raise ScorerError(f"{folder}: unknown scorer kind {kind!r} in mmalign_scorer.json")
+
+
+def load_scorer(spec: str, *, device: str | torch.device | None = None,
+                dtype: torch.dtype | None = None) -> Scorer:
+    """Build a scorer from a spec (see the module docstring), on `device` in `dtype` (default: CPU, float32)."""
+    spec = spec.strip()
+    if not spec:
+        raise ScorerError("empty scorer spec")
+    name, eq, source = spec.partition("=")
+    if not eq and os.path.isdir(spec):
+        scorer = _from_folder(spec)
+    elif not eq and _FUNCTION.match(spec):
+        from mmalign.rewards.toy import load_function
+
+        scorer = load_function(spec)
+    elif name in SCORERS:
+        if source and os.path.isdir(source) and name not in ("aesthetic", "video"):
+            from mmalign.rewards.clip import read_scorer_card
+
+            if read_scorer_card(source) is not None:
+                scorer = _from_folder(source)
+                return scorer.to(device=device, dtype=dtype) if (device or dtype) else scorer
+        scorer = SCORERS[name](source or None)
+    else:
+        raise ScorerError(f"unknown scorer {spec!r}: use one of {sorted(SCORERS)} (optionally NAME=SOURCE), an "
+                          "exported reward-model folder, or package.module:function")
+    if device is not None or dtype is not None:
+        scorer = scorer.to(device=device, dtype=dtype)
+    return scorer

@@ -1,0 +1,113 @@
+"""The toy world's ground-truth rewards as scorers (`mmalign.toy.rewards`), and user functions (`module:function`).
+
+| name | score |
+|---|---|
+| `toy_color`, `toy_shape`, `toy_position`, `toy_total` | the exact NumPy rewards on uint8 images (float tensors are quantised) |
+| `toy_color_soft` | `color_adherence_torch`: differentiable, for guidance |
+| `toy` | (N, 4) with dims color, shape, position, total |
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from mmalign.rewards.base import Scorer, ScorerError
+
+
+def _source_version(prefix: str, *objects: Any) -> str:
+    h = hashlib.sha256()
+    for obj in objects:
+        try:
+            h.update(inspect.getsource(obj).encode())
+        except (OSError, TypeError):
+            h.update(repr(obj).encode())
+    return f"{prefix}-{h.hexdigest()[:16]}"
+
+
+def _uint8(kind: str, images) -> np.ndarray:
+    from mmalign.toy.rewards import to_uint8_images
+
+    if kind == "tensor":
+        return to_uint8_images(images, value_range=(0.0, 1.0))
+    return np.stack([np.asarray(im) for im in images])
+
+
+class ToyScorer(Scorer):
+    """A toy-world ground-truth reward; see the module table."""
+
+    COMPONENTS = ("color", "shape", "position", "total")
+
+    def __init__(self, component: str):
+        super().__init__()
+        valid = (*self.COMPONENTS, "color_soft", "all")
+        if component not in valid:
+            raise ScorerError(f"toy reward must be one of {valid}, got {component!r}")
+        from mmalign.toy import rewards as r
+
+        self.component = component
+        self.name = "toy" if component == "all" else f"toy_{component}"
+        self.dims = self.COMPONENTS if component == "all" else None
+        self.version = _source_version("toy", r)
+
+    def _score(self, kind, images, prompts):
+        from mmalign.toy import rewards as r
+
+        if self.component == "color_soft":
+            x = images if kind == "tensor" else torch.from_numpy(_uint8(kind, images)).permute(0, 3, 1, 2) / 255.0
+            return r.color_adherence_torch(x.to(self.device, torch.float32), prompts)
+        arr = _uint8(kind, images)
+        if self.component == "all":
+            parts = r.reward_components(arr, prompts)
+            values = np.stack([parts["color"], parts["shape"], parts["position"], r.total_reward(arr, prompts)], 1)
+        else:
+            fn = {"color": r.color_adherence, "shape": r.shape_adherence, "position": r.position_adherence,
+                  "total": r.total_reward}[self.component]
+            values = fn(arr, prompts)
+        return torch.as_tensor(np.asarray(values), dtype=torch.float32, device=self.device)
+
+
+class FunctionScorer(Scorer):
+    """A user function `fn(images, prompts) -> (N,) or (N, D)` (tensor, array or list) as a scorer.
+
+    `images` reach the function as given to `score` after the common checks: a list of RGB PIL images, or the
+    float (N, 3, H, W) tensor in [0, 1]. Set `fn.dims = ("a", "b")` for a multi-dimension reward.
+    """
+
+    def __init__(self, fn: Callable, name: str):
+        super().__init__()
+        self.fn = fn
+        self.name = name
+        dims = getattr(fn, "dims", None)
+        self.dims = tuple(dims) if dims else None
+        self.version = _source_version("fn", fn)
+
+    def _score(self, kind, images, prompts):
+        out = self.fn(images, prompts)
+        if not isinstance(out, torch.Tensor):
+            out = torch.as_tensor(np.asarray(out, dtype=np.float32))
+        return out.to(self.device)
+
+
+def load_function(spec: str) -> FunctionScorer:
+    """`package.module:function` -> FunctionScorer (the module is imported: only name code you trust)."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ScorerError(f"user scorer {spec!r}: expected 'package.module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ScorerError(f"user scorer {spec!r}: cannot import {module_name!r}: {err}") from None
+    fn = module
+    for part in attr.split("."):
+        fn = getattr(fn, part, None)
+        if fn is None:
+            raise ScorerError(f"user scorer {spec!r}: {module_name!r} has no attribute {attr!r}")
+    if not callable(fn):
+        raise ScorerError(f"user scorer {spec!r}: {attr!r} is not callable")
+    return FunctionScorer(fn, name=spec)

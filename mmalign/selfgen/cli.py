@@ -1,0 +1,28 @@
+"""`mmalign selfgen COMMAND`: one sub-command per way of generating preference data.
+
+To add one, add a row to `SELFGEN_COMMANDS`: the module exposes `add_arguments(parser)` and `run(args) -> int`.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+# name -> (module, help)
+SELFGEN_COMMANDS: dict[str, tuple[str, str]] = {
+    "ranked": ("mmalign.selfgen.ranked",
+               "K images per prompt from diffusers generators, ranked by several reward models -> ranked shards"),
+    "stic": ("mmalign.selfgen.stic", "STIC: VLM preference pairs from unlabeled images (+ stage-2 SFT rows)"),
+    "bdhs": ("mmalign.selfgen.bdhs", "BDHS: VLM rejected answers with the image mostly hidden -> vlm_pair shards"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from mmalign.cli import add_nested_commands
+
+    add_nested_commands(parser, SELFGEN_COMMANDS, dest="selfgen_command")
+
+
+def run(args: argparse.Namespace) -> int:
+    from mmalign.cli import run_nested_command
+
+    return run_nested_command(args, "selfgen", SELFGEN_COMMANDS)
