@@ -56,7 +56,7 @@ class DiffusersGenerator:
         from diffusers import DiffusionPipeline
 
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.dtype]
-        self.pipe = DiffusionPipeline.from_pretrained(self.source, torch_dtype=dtype)
+        self.pipe = DiffusionPipeline.from_pretrained(self.source, dtype=dtype)
         self.pipe.to(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.pipe.set_progress_bar_config(disable=True)
         self.name = self.name or self.source
