@@ -44,19 +44,12 @@ def save_checkpoint(run_dir: str | Path, step: int, write: Callable[[Path], None
     """
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step}"
-    tmp = root / f".tmp-step-{step}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
+
+    def fill(tmp: Path) -> None:
         write(tmp)
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    final = atomic_dir(root / f"step-{step}", fill)
     if total_limit is not None:
         for old in list_checkpoints(run_dir)[:-total_limit]:
             shutil.rmtree(old, ignore_errors=True)
@@ -65,3 +58,19 @@ def save_checkpoint(run_dir: str | Path, step: int, write: Callable[[Path], None
 
 def read_state(checkpoint: Path) -> dict:
     return json.loads((Path(checkpoint) / STATE_FILE).read_text())
+
+
+def atomic_dir(final: str | Path, write: Callable[[Path], None]) -> Path:
+    """`write(tmp_dir)` fills a temporary sibling folder, which then replaces `final` (final model outputs)."""
+    final = Path(final)
+    tmp = final.with_name(f".tmp-{final.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final

@@ -1,37 +1,56 @@
-"""`mmalign train CONFIG [key=value ...]`: load a recipe, apply overrides, train."""
+"""`mmalign train CONFIG [key=value ...]`: load a recipe of any registered task, apply overrides, train."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="YAML recipe (see configs/)")
+    parser.add_argument("config", help="YAML recipe (see configs/); its `task:` key picks the task (default t2i)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted overrides, e.g. optim.lr=1e-5 train.max_steps=10")
     parser.add_argument("--cache-only", action="store_true",
-                        help="encode the shards into the latent/text-embedding cache at data.cache and exit")
+                        help="encode the shards once into the task's cache (t2i: VAE posteriors, text embeddings, "
+                             "SDXL sizes; next to the shards) and exit; then train with data.cache=true")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
 
 def run(args: argparse.Namespace) -> int:
-    from mmalign.config import ConfigError, config_to_yaml, load_config
-    from mmalign.train.config import TrainConfig
+    from mmalign.config import ConfigError, config_to_yaml
+    from mmalign.train.tasks import load_train_config
 
     try:
-        cfg = load_config(TrainConfig, args.config, args.overrides)
+        cfg = load_train_config(args.config, args.overrides)
     except ConfigError as err:
         print(f"mmalign train: invalid config:\n{err}", file=sys.stderr)
         return 2
     if args.print_config:
         print(config_to_yaml(cfg), end="")
         return 0
-    if args.cache_only:
+    if args.cache_only and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        print("mmalign train --cache-only: run it in one process (python -m mmalign.cli train CONFIG "
+              "--cache-only), not under a multi-process launcher: one writer builds the cache", file=sys.stderr)
+        return 2
+    if args.cache_only:  # until the text-to-image cache lands (issue 5)
         print("mmalign train --cache-only: not built yet: the latent + text-embedding cache for training",
               file=sys.stderr)
         return 2
-    from mmalign.train.trainer import train
+    from mmalign.adapters.t2i import ModelLoadError
+    from mmalign.data.cache import StaleCacheError
+    from mmalign.data.manifest import ManifestError
+    from mmalign.train.tasks import task_for
+    from mmalign.train.trainer import TrainingError, train
 
-    train(cfg)
+    what = "--cache-only" if args.cache_only else "train"
+    try:
+        if args.cache_only:
+            print(f"mmalign train --cache-only: wrote {task_for(cfg).build_cache()}")
+        else:
+            train(cfg)
+    except (TrainingError, ModelLoadError, ManifestError, StaleCacheError, NotImplementedError) as err:
+        # Bad input found before or during the run: the message names the key or file; no traceback needed.
+        print(f"mmalign {what}: {err}", file=sys.stderr)
+        return 2
     return 0

@@ -1,8 +1,12 @@
-"""The training config: one typed schema for every recipe (`mmalign train CONFIG key=value ...`).
+"""Training configs: one typed schema per task, sharing the sections the loop owns (`mmalign train CONFIG k=v`).
 
-Sections: `run` (where and how reproducibly), `model` (what is loaded and what is trained), `method` (which
-preference objective and its constants), `data` (which shards, how batches are built), `optim`, `train` (the
-loop), `validation`. Every field documents its default and why. Unknown keys are errors.
+Every config has a top-level `task:` (default `t2i`) naming a registered task (`mmalign.train.tasks`). The shared
+sections are `run` (where and how reproducibly), `optim` and `train` (the loop), in `BaseTrainConfig`; each task
+subclasses it and adds its own `model`, `method`, `data` and `validation` sections. Every field documents its
+default and why. Unknown keys are errors.
+
+The text-to-image task's sections (`T2ITrainConfig`, also exported as `TrainConfig`) live in this file too: they
+were the first, and existing code imports them from here. New tasks keep their config next to their code.
 """
 
 from __future__ import annotations
@@ -71,12 +75,16 @@ class MethodConfig(StrictModel):
                                                                     "(sigmoid, robust).")
     mapo_snr_value: float = Field(0.5, gt=0)
     rank_weighting: Literal["lambda", "uniform"] = "lambda"
-    ties: Literal["drop", "keep"] = Field("drop", description="Tied pairs (label 0.5): drop = never batched.")
+    ties: Literal["drop", "keep"] = Field("drop", description="Tied pairs (label 0.5): drop = never batched. "
+                                                              "No text-to-image objective uses ties, so 'keep' "
+                                                              "is refused (it is for tie-aware reward losses).")
 
     @model_validator(mode="after")
     def _check(self) -> "MethodConfig":
         if self.loss_type not in DPO_LOSS_TYPES:
             raise ValueError(f"loss_type {self.loss_type!r} is not one of {', '.join(DPO_LOSS_TYPES)}")
+        if self.ties != "drop":
+            raise ValueError(f"ties {self.ties!r}: method {self.name!r} has no tie-aware form; use ties 'drop'")
         return self
 
     def resolved_beta(self) -> float:
@@ -98,8 +106,12 @@ class DataConfig(StrictModel):
     num_workers: int = Field(0, ge=0)
     proportion_empty_prompts: float = Field(0.0, ge=0.0, le=1.0, description="Replace a caption with '' with "
                                                                             "this probability (keeps CFG working).")
-    cache: Optional[str] = Field(None, description="Latent + text-embedding cache folder written by "
-                                                   "`mmalign train CONFIG --cache-only`; null = encode on the fly.")
+    cache: bool = Field(False, description="true = read VAE posteriors, text embeddings and SDXL size/crop from "
+                                          "the cache that `mmalign train CONFIG --cache-only` writes next to "
+                                          "the shards (`<shards>/cache/t2i-<key>/`, keyed by model, resolution "
+                                          "and crop: a missing or stale cache is an error); the VAE and text "
+                                          "encoders then stay off the accelerator. Needs center_crop true and "
+                                          "random_flip false (one encoding per image). false = encode every step.")
     strict: bool = Field(False, description="Raise on a corrupt sample instead of skipping and counting it.")
 
     model_config = StrictModel.model_config | {"populate_by_name": True}
@@ -121,7 +133,8 @@ class OptimConfig(StrictModel):
 
 class TrainLoopConfig(StrictModel):
     max_steps: int = Field(..., gt=0, description="Optimizer steps.")
-    batch_size: int = Field(1, gt=0, description="Pairs (or ranked lists) per process per micro-batch.")
+    batch_size: int = Field(1, gt=0, description="Samples (T2I: pairs or ranked lists) per process per "
+                                                      "micro-batch.")
     gradient_accumulation_steps: int = Field(1, gt=0)
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="Trainable LoRA params stay float32.")
     ema: bool = Field(False, description="Keep an EMA of the trained weights (full fine-tune) and save it.")
@@ -144,17 +157,31 @@ class ValidationConfig(StrictModel):
     images_per_prompt: int = Field(2, gt=0)
 
 
-class TrainConfig(StrictModel):
+class BaseTrainConfig(StrictModel):
+    """The sections every task shares; a task's config subclasses this and adds its own sections.
+
+    A subclass narrows `task` to its name (`task: Literal["mytask"] = "mytask"`) so a resolved config.yaml
+    always says which task it is for.
+    """
+
+    task: str = Field("t2i", description="Registered task (see mmalign.train.tasks): which model family and "
+                                         "objective the loop drives. Default t2i, text-to-image diffusion.")
     run: RunConfig = Field(default_factory=RunConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainLoopConfig
+
+
+class T2ITrainConfig(BaseTrainConfig):
+    """Text-to-image preference fine-tuning (SD 1.x/2.x, SDXL): Diffusion-DPO, MaPO, RankDPO, SFT."""
+
+    task: Literal["t2i"] = "t2i"
     model: ModelConfig
     method: MethodConfig = Field(default_factory=MethodConfig)
     data: DataConfig
-    optim: OptimConfig = Field(default_factory=OptimConfig)
-    train: TrainLoopConfig
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
 
     @model_validator(mode="after")
-    def _check(self) -> "TrainConfig":
+    def _check(self) -> "T2ITrainConfig":
         if self.data.resolution % 8:
             raise ValueError(f"data.resolution {self.data.resolution} is not a multiple of 8 (the VAE "
                              "downsamples by 8; SDXL needs 16)")
@@ -162,4 +189,10 @@ class TrainConfig(StrictModel):
             raise ValueError("method.name 'rankdpo' needs data.schema 'ranked'")
         if self.method.name != "rankdpo" and self.data.schema_name == "ranked":
             raise ValueError(f"data.schema 'ranked' is only used by method 'rankdpo', not {self.method.name!r}")
+        if self.data.cache and (not self.data.center_crop or self.data.random_flip):
+            raise ValueError("data.cache true holds one encoding per image: set data.center_crop true and "
+                             "data.random_flip false, or data.cache false for random crops and flips")
         return self
+
+
+TrainConfig = T2ITrainConfig  # the name existing callers use

@@ -1,42 +1,26 @@
-"""Training data for the text-to-image trainer: shards -> an endless, deterministic stream of micro-batches.
+"""Endless, deterministic micro-batch streams over `mmalign.data` readers, for any task.
 
 Order depends only on (seed, epoch, rank, world size), so a resumed run replays the stream and skips the
-micro-batches it already consumed: the data position is exact. Pairs come out as `[winners; losers]`.
+micro-batches it already consumed: the data position is exact.
 """
 
 from __future__ import annotations
 
-from typing import Iterator
-
-from mmalign.train.config import TrainConfig
+from typing import Callable, Iterator
 
 
-def build_dataset(cfg: TrainConfig, rank: int, world_size: int):
-    from mmalign.data.collate import collate_pairs, collate_ranked
-    from mmalign.data.dataset import PairDataset, RankedDataset
+def endless_batches(dataset, collate: Callable, batch_size: int, *, skip: int = 0, num_workers: int = 0,
+                    what: str = "data.shards") -> Iterator[dict]:
+    """Micro-batches of `batch_size` from a `mmalign.data` reader, epoch after epoch (`dataset.set_epoch`); the
+    first `skip` are consumed silently. Each batch gains `epoch`.
 
-    d = cfg.data
-    transforms = {"resolution": d.resolution, "crop": "center" if d.center_crop else "random",
-                  "random_flip": d.random_flip}
-    common = dict(transforms=transforms, shuffle=d.shuffle_buffer > 0, shuffle_buffer=max(d.shuffle_buffer, 1),
-                  seed=cfg.run.seed, rank=rank, world_size=world_size, strict=d.strict)
-    if d.schema_name == "ranked":
-        return RankedDataset(d.shards, **common), collate_ranked
-    # Tied pairs carry no direction for the T2I objectives: they are dropped (and counted in the manifest).
-    return PairDataset(d.shards, ties="drop", **common), collate_pairs
-
-
-def iterate_batches(cfg: TrainConfig, rank: int = 0, world_size: int = 1, skip: int = 0) -> Iterator[dict]:
-    """Endless micro-batches of `train.batch_size` groups for this rank; the first `skip` are consumed silently.
-
-    Each epoch is one pass over this rank's share (incomplete last batches are dropped so every micro-batch has
-    the same size). Raises if an epoch yields no batch at all (no usable pairs).
+    Incomplete last batches are dropped so every micro-batch has the same size. Raises ValueError naming `what`
+    if an epoch yields no batch at all (too few usable samples for this rank).
     """
     from torch.utils.data import DataLoader
 
-    dataset, collate = build_dataset(cfg, rank, world_size)
-    loader = DataLoader(dataset, batch_size=cfg.train.batch_size, collate_fn=collate, drop_last=True,
-                        num_workers=cfg.data.num_workers, persistent_workers=False)
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate, drop_last=True,
+                        num_workers=num_workers, persistent_workers=False)
     epoch, produced = 0, 0
     while True:
         dataset.set_epoch(epoch)
@@ -49,7 +33,7 @@ def iterate_batches(cfg: TrainConfig, rank: int = 0, world_size: int = 1, skip: 
             batch["epoch"] = epoch
             yield batch
         if n == 0:
-            raise ValueError(f"data.shards {cfg.data.shards}: no usable batch of {cfg.train.batch_size} for rank "
-                             f"{rank} of {world_size} (too few samples, all ties, or all corrupt); "
-                             f"skipped bad samples: {dataset.stats.skipped if hasattr(dataset, 'stats') else '?'}")
+            stats = getattr(dataset, "stats", None)
+            raise ValueError(f"{what}: no usable batch of {batch_size} for this rank (too few samples, all ties, "
+                             f"or all corrupt); skipped bad samples: {stats.skipped if stats else '?'}")
         epoch += 1
