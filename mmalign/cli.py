@@ -32,8 +32,8 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
     Subcommand("eval", "evaluate reward models and aligned models", "mmalign.eval.cli"),
     Subcommand("quickstart", "prove alignment end to end on the toy world (the first command to run)",
                "mmalign.quickstart"),
-    Subcommand("bench", "run a benchmark and print ratios against a baseline measured in the same run", None,
-               "benchmarks through the CLI (scripts/bench/*.py run directly today)"),
+    Subcommand("bench", "run a benchmark and print ratios against a baseline measured in the same run",
+               "mmalign.bench.cli"),
 )
 
 

@@ -35,12 +35,22 @@ def word_clip_tokenizer(words: Iterable[str] = TOY_WORDS, model_max_length: int 
     for ch in "abcdefghijklmnopqrstuvwxyz0123456789.,!?'-":
         add(ch)
         add(ch + "</w>")
+    def bpe(pieces: list[str]) -> list[str]:
+        # What the tokenizer does with the merges so far: repeatedly apply the lowest-ranked adjacent merge.
+        rank = {m: i for i, m in enumerate(merges)}
+        while True:
+            ranked = [(rank[p], i) for i, p in enumerate(zip(pieces, pieces[1:])) if p in rank]
+            if not ranked:
+                return pieces
+            _, i = min(ranked)
+            pieces = pieces[:i] + [pieces[i] + pieces[i + 1]] + pieces[i + 2:]
+
     for word in words:
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        # Continue from the segmentation the existing merges already produce (e.g. "re" from "red" inside
+        # "green"); new merges rank after all old ones, so earlier words keep their single token.
+        pieces = bpe(list(word[:-1]) + [word[-1] + "</w>"])
         while len(pieces) > 1:
-            merge = (pieces[0], pieces[1])
-            if merge not in merges:
-                merges.append(merge)
+            merges.append((pieces[0], pieces[1]))
             pieces = [pieces[0] + pieces[1]] + pieces[2:]
             add(pieces[0])
     tok = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)

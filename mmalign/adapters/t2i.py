@@ -70,7 +70,7 @@ class T2IComponents:
 
     pretrained: str
     unet: torch.nn.Module
-    vae: torch.nn.Module
+    vae: Optional[torch.nn.Module]  # None: a pixel-space pipeline (the toy world's); images are the latents
     noise_scheduler: object  # DDPMScheduler built from the pipeline's scheduler config (training noise)
     text_encoders: list
     tokenizers: list
@@ -85,7 +85,8 @@ def load_t2i_components(pretrained: str, *, revision: str | None = None, variant
                         unet_path: str | None = None) -> T2IComponents:
     """Load UNet, VAE, text encoder(s), tokenizer(s) and the training noise scheduler with `from_pretrained`.
 
-    SD 1.x/2.x pipelines have one text encoder; SDXL (`text_encoder_2` in model_index.json) has two.
+    SD 1.x/2.x pipelines have one text encoder; SDXL (`text_encoder_2` in model_index.json) has two. A pipeline
+    without a `vae` entry (the toy world's `ToyT2IPipeline`) is pixel space: its UNet denoises RGB images.
     `unet_path` replaces the pipeline's UNet (a folder with config.json + weights), e.g. a previous run's output.
     """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -101,7 +102,9 @@ def load_t2i_components(pretrained: str, *, revision: str | None = None, variant
             unet = UNet2DConditionModel.from_pretrained(unet_path)
         else:
             unet = UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", variant=variant, **kw)
-        vae = AutoencoderKL.from_pretrained(pretrained, subfolder="vae", variant=variant, **kw)
+        vae = None
+        if (index.get("vae") or [None])[0] is not None:
+            vae = AutoencoderKL.from_pretrained(pretrained, subfolder="vae", variant=variant, **kw)
         noise_scheduler = DDPMScheduler.from_pretrained(pretrained, subfolder="scheduler", **kw)
         tokenizers = [AutoTokenizer.from_pretrained(pretrained, subfolder="tokenizer", **kw)]
         text_encoders = [CLIPTextModel.from_pretrained(pretrained, subfolder="text_encoder", variant=variant, **kw)]
@@ -118,15 +121,18 @@ def load_t2i_components(pretrained: str, *, revision: str | None = None, variant
         if len(tok) <= 2:
             raise ModelLoadError(f"{pretrained}: tokenizer{'_2' if i else ''} has only {len(tok)} tokens; the "
                                  "tokenizer files are missing or could not be loaded")
-    if unet.config.in_channels != vae.config.latent_channels:
-        raise ModelLoadError(f"{pretrained}: UNet in_channels {unet.config.in_channels} != VAE latent_channels "
-                             f"{vae.config.latent_channels}")
+    channels = vae.config.latent_channels if vae is not None else 3
+    if unet.config.in_channels != channels:
+        raise ModelLoadError(f"{pretrained}: UNet in_channels {unet.config.in_channels} != "
+                             + (f"VAE latent_channels {channels}" if vae is not None else
+                                "3 (no VAE in model_index.json, so the UNet must denoise RGB pixels)"))
     if is_sdxl and unet.config.addition_embed_type != "text_time":
         raise ModelLoadError(f"{pretrained}: SDXL pipeline but the UNet has addition_embed_type "
                              f"{unet.config.addition_embed_type!r} (expected 'text_time')")
     for module in [vae, *text_encoders]:
-        module.requires_grad_(False)
-        module.eval()
+        if module is not None:
+            module.requires_grad_(False)
+            module.eval()
     return T2IComponents(pretrained, unet, vae, noise_scheduler, text_encoders, tokenizers, is_sdxl)
 
 
@@ -150,8 +156,9 @@ class T2IAdapter:
             self.ref_unet = copy.deepcopy(components.unet).requires_grad_(False).eval()
             if reference_dtype is not None:
                 self.ref_unet.to(dtype=reference_dtype)
-        self.vae_scale = float(components.vae.config.scaling_factor)
-        shift = getattr(components.vae.config, "shift_factor", None)
+        vae_config = components.vae.config if components.vae is not None else None
+        self.vae_scale = float(vae_config.scaling_factor) if vae_config is not None else 1.0
+        shift = getattr(vae_config, "shift_factor", None)
         self.vae_shift = float(shift) if shift is not None else 0.0
 
     # -- encoders (frozen) -------------------------------------------------------------------------------------
@@ -159,13 +166,19 @@ class T2IAdapter:
     def encode_images(self, pixel_values: Tensor) -> Tensor:
         """(N, 3, H, W) in [-1, 1] -> VAE posterior parameters (N, 2C, h, w) (mean and log-variance).
 
-        Cached as such, so sampling a latent from the cache equals sampling it from a fresh encode.
+        Cached as such, so sampling a latent from the cache equals sampling it from a fresh encode. Pixel space
+        (no VAE): the images themselves, (N, 3, H, W).
         """
         vae = self.c.vae
+        if vae is None:
+            return pixel_values.float()
         return vae.encode(pixel_values.to(vae.device, vae.dtype)).latent_dist.parameters.float()
 
     def sample_latents(self, posterior: Tensor, generator: torch.Generator | None) -> Tensor:
-        """Posterior parameters (..., 2C, h, w) -> scaled latents (..., C, h, w), one draw per item."""
+        """Posterior parameters (..., 2C, h, w) -> scaled latents (..., C, h, w), one draw per item (pixel space:
+        the images as they are, no draw)."""
+        if self.c.vae is None:
+            return posterior
         mean, logvar = posterior.chunk(2, dim=-3)
         std = torch.exp(0.5 * torch.clamp(logvar, -30.0, 20.0))
         eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device="cpu").to(mean.device)

@@ -1,0 +1,27 @@
+"""`mmalign bench NAME`: one sub-command per benchmark.
+
+To add one, add a row to `BENCH_COMMANDS`: the module exposes `add_arguments(parser)` and `run(args) -> int`.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+# name -> (module, help)
+BENCH_COMMANDS: dict[str, tuple[str, str]] = {
+    "toy": ("mmalign.toy.bench",
+            "every text-to-image method (sft, dpo, mapo, rankdpo) on the same toy data over several seeds: "
+            "reward gain, win rate and drift from the base"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from mmalign.cli import add_nested_commands
+
+    add_nested_commands(parser, BENCH_COMMANDS, dest="bench_command")
+
+
+def run(args: argparse.Namespace) -> int:
+    from mmalign.cli import run_nested_command
+
+    return run_nested_command(args, "bench", BENCH_COMMANDS)
