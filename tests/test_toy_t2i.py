@@ -190,3 +190,25 @@ def test_saved_lora_with_conv_targets_reproduces_the_trained_unet(tmp_path):
         base = ToyT2IPipeline.from_pretrained(SHIPPED).unet(x, t, cond).sample
     assert (trained - base).abs().max() > 1e-4  # training changed the model...
     torch.testing.assert_close(loaded, trained, rtol=1e-5, atol=1e-5)  # ...and the saved LoRA carries all of it
+
+
+def test_bench_toy_runs_each_method_and_writes_table_and_plot(tmp_path):
+    from mmalign.cli import main
+
+    out = tmp_path / "bench"
+    rc = main(["bench", "toy", "--out", str(out), "--methods", "sft,rankdpo", "--seeds", "2", "--prompts", "8",
+               "--images-per-prompt", "3", "--eval-prompts", "4", "--sample-steps", "8", "train.max_steps=2",
+               "train.batch_size=2", "train.progress=false", "validation.prompts=[]"])
+    assert rc == 0
+    report = json.loads((out / "bench.json").read_text())
+    assert [(r["method"], r["seed"]) for r in report["runs"]] == [("sft", 0), ("sft", 1), ("rankdpo", 0),
+                                                                  ("rankdpo", 1)]
+    gains = [r["reward_gain"] for r in report["runs"] if r["method"] == "sft"]
+    assert report["summary"]["sft"]["reward_gain"][0] == pytest.approx(np.mean(gains))
+    assert report["summary"]["sft"]["reward_gain"][1] == pytest.approx(np.std(gains, ddof=1))
+    table = (out / "bench.md").read_text()
+    assert "| sft |" in table and "| rankdpo |" in table
+    assert (out / "bench.png").stat().st_size > 1000
+    cfg = (out / "runs" / "rankdpo-seed1" / "train" / "config.yaml").read_text()
+    assert "rankdpo" in cfg and "ranked" in cfg
+    assert main(["bench", "toy", "--methods", "ppo"]) == 2
