@@ -79,40 +79,26 @@ class CLIPScorer(Scorer):
             return self.model.logit_scale.float().exp() * cos
         return cos
 
+    def cosines(self, pixel_values: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """cos(image, prompt) per row of preprocessed pixel values; each distinct prompt is encoded once."""
+        distinct, index = unique_prompts(prompts)
+        text = self.encode_text(distinct)[index.to(self.device)]
+        return (self.encode_images(pixel_values) * text).sum(-1)
+
     def _score(self, kind, images, prompts):
-        pixels = self.preprocess(kind, images, device=self.device, dtype=self.dtype)
-        distinct, index = unique_prompts(prompts)
-        text = self.encode_text(distinct)[index.to(self.device)]
-        return self.scale_scores((self.encode_images(pixels) * text).sum(-1))
+        return self.scale_scores(self.cosines(self.preprocess(kind, images, device=self.device, dtype=self.dtype),
+                                              prompts))
 
-    def score_pixels(self, pixel_values: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        """Scores of already preprocessed pixel values (training, benchmarks)."""
-        distinct, index = unique_prompts(prompts)
-        text = self.encode_text(distinct)[index.to(self.device)]
-        return self.scale_scores((self.encode_images(pixel_values) * text).sum(-1))
+    # -- fine-tuning ----------------------------------------------------------------------------------------------
+    def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """Training reward of float images (N, 3, H, W) in [0, 1]: `logit_scale.exp() * cos` (the scale PickScore
+        and HPSv2 are trained with), whatever `scale` the scorer reports."""
+        pixels = self.preprocess.from_tensor(images.to(self.device, self.dtype))
+        return self.model.logit_scale.exp() * self.cosines(pixels, prompts)
 
-    # -- fine-tuning helpers -------------------------------------------------------------------------------------
     def set_trainable(self, vision_blocks: int = -1, text_blocks: int = -1, logit_scale: bool = True) -> int:
-        """Freeze everything, then unfreeze the last `vision_blocks` / `text_blocks` transformer blocks (-1: all,
-        0: none) with the layers after them (final norms, projections); returns the trainable parameter count."""
-        m = self.model
-        m.requires_grad_(False)
-        for blocks, tower, tail in ((vision_blocks, m.vision_model, [m.vision_model.post_layernorm,
-                                                                    m.visual_projection]),
-                                    (text_blocks, m.text_model, [m.text_model.final_layer_norm, m.text_projection])):
-            layers = tower.encoder.layers
-            if blocks < 0:
-                tower.requires_grad_(True)
-                tail[-1].requires_grad_(True)
-            elif blocks > 0:
-                if blocks > len(layers):
-                    raise ScorerError(f"asked to unfreeze {blocks} blocks, the tower has {len(layers)}")
-                for layer in layers[len(layers) - blocks:]:
-                    layer.requires_grad_(True)
-                for module in tail:
-                    module.requires_grad_(True)
-        m.logit_scale.requires_grad_(logit_scale)
-        return sum(p.numel() for p in m.parameters() if p.requires_grad)
+        """See `set_trainable`."""
+        return set_trainable(self.model, vision_blocks, text_blocks, logit_scale)
 
     @torch.no_grad()
     def clamp_logit_scale(self, max_scale: float = 100.0) -> None:
@@ -137,6 +123,28 @@ class CLIPScorer(Scorer):
         write_scorer_card(out, {"kind": "clip", "name": self.name, "scale": self.scale,
                                 "preprocess": self.preprocess.to_dict(), "max_length": self.max_length})
         return out
+
+
+def set_trainable(model, vision_blocks: int = -1, text_blocks: int = -1, logit_scale: bool = True) -> int:
+    """Freeze a CLIPModel, then unfreeze the last `vision_blocks` / `text_blocks` transformer blocks (-1: the whole
+    tower, 0: none) with the layers after them (final norms, projections); returns the trainable parameter count."""
+    model.requires_grad_(False)
+    for blocks, tower, tail in ((vision_blocks, model.vision_model, [model.vision_model.post_layernorm,
+                                                                    model.visual_projection]),
+                                (text_blocks, model.text_model, [model.text_model.final_layer_norm,
+                                                                 model.text_projection])):
+        layers = tower.encoder.layers
+        if blocks > len(layers):
+            raise ScorerError(f"asked to unfreeze {blocks} blocks, the tower has {len(layers)}")
+        if blocks < 0:
+            tower.requires_grad_(True)
+        for layer in layers[len(layers) - blocks:] if blocks > 0 else []:
+            layer.requires_grad_(True)
+        if blocks != 0:
+            for module in tail:
+                module.requires_grad_(True)
+    model.logit_scale.requires_grad_(logit_scale)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 SCORER_CARD = "mmalign_scorer.json"

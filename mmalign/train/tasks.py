@@ -49,6 +49,7 @@ from mmalign.train.config import BaseTrainConfig
 # task name -> "module:attribute" of its Task subclass, imported on first use.
 TASKS: dict[str, str] = {
     "t2i": "mmalign.train.t2i:T2ITask",
+    "reward": "mmalign.rewards.train:RewardTask",
 }
 
 
