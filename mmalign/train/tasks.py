@@ -50,6 +50,7 @@ from mmalign.train.config import BaseTrainConfig
 TASKS: dict[str, str] = {
     "t2i": "mmalign.train.t2i:T2ITask",
     "reward": "mmalign.rewards.train:RewardTask",
+    "vlm": "mmalign.vlm.task:VLMTask",
 }
 
 
