@@ -24,10 +24,12 @@ def test_pairwise_accuracy_hand_example():
 def test_accuracy_with_ties_hand_example():
     # By hand, sorted |m| = .02 (h -1), .05 (h 0), .1 (h 1), .2 (h -1), .3 (h 0), .5 (h 1):
     # eps .02: T_m=1, T_h=2, C=3 -> 3/6;  eps .05: T_m=1, T_hm=1, C=3, T_h=1 -> 4/6 (the best)
-    # eps .1: 3/6; eps .2: 2/6; eps .3: 3/6; eps .5: 2/6
+    # eps .1: 3/6; eps .2: 2/6; eps .3: 3/6; eps .5: 2/6; eps 0 (no model tie): C=3, D=1, T_h=2 -> 3/6
     out = accuracy_with_ties(H, M)
     assert out["accuracy"] == pytest.approx(4 / 6) and out["epsilon"] == pytest.approx(0.05)
     assert tie_stats(H, M, 0.05) == {"C": 3, "D": 0, "T_h": 1, "T_m": 1, "T_hm": 1}
+    # a scorer that ranks every pair right keeps eps = 0 (no model ties) instead of being forced to tie
+    assert accuracy_with_ties([1, -1, 1], [0.5, -0.5, 0.5]) == {"accuracy": 1.0, "epsilon": 0.0, "num_pairs": 3}
 
 
 def test_accuracy_with_ties_equals_brute_force_search():
@@ -37,7 +39,7 @@ def test_accuracy_with_ties_equals_brute_force_search():
         h = rng.choice([-1, 0, 1], size=n)
         m = np.round(rng.normal(size=n), 1)  # rounding makes many equal |m|: thresholds must move them together
         best = -1.0
-        for eps in np.unique(np.abs(m)):
+        for eps in np.unique(np.r_[0.0, np.abs(m)]):
             s = tie_stats(h, m, eps)
             best = max(best, (s["C"] + s["T_hm"]) / n)
         assert accuracy_with_ties(h, m)["accuracy"] == pytest.approx(best)

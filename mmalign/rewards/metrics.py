@@ -7,8 +7,9 @@ Conventions: `h` holds human labels, 1 = item a preferred, -1 = item b preferred
 - `accuracy_with_ties` (Deutsch, Foster & Freitag 2023, "Ties Matter"; the "w/ ties" accuracy of VideoAlign): the
   model declares a tie when `|m| <= eps`; with C concordant, D discordant, T_h human-only ties, T_m model-only ties
   and T_hm joint ties, `acc_eq(eps) = (C + T_hm) / (C + D + T_h + T_m + T_hm)`. *Tie calibration* picks the `eps`
-  among the observed `|m|` values that maximises acc_eq (the smallest such eps on a tie). Every threshold is
-  evaluated exactly (pairs with equal |m| move together), in O(N log N).
+  among 0 and the observed `|m|` values that maximises acc_eq (the smallest such eps on a tie). Every threshold is
+  evaluated exactly (pairs with equal |m| move together), in O(N log N). Unlike VideoAlign's incremental loop we
+  keep eps = 0 (only exact ties) as a candidate: a scorer that ranks every pair right must not be forced to tie.
 - `inversion_score` (HPSv2's ranking accuracy): for one ranked list, `1 - inversions / (K (K - 1) / 2)` where an
   inversion is a pair of items the model and the reference order strictly oppositely.
 """
@@ -70,11 +71,12 @@ def accuracy_with_ties(h: Sequence[float], m: Sequence[float]) -> dict[str, floa
     concordant = ((h_sorted != 0) & (np.sign(m_sorted) == h_sorted)).astype(np.int64)
     # Candidate thresholds: each distinct |m|; `last` = index of the last pair with that value.
     last = np.flatnonzero(np.r_[a_sorted[1:] != a_sorted[:-1], True])
-    ties_below = np.cumsum(tie_correct)[last]
-    concordant_above = concordant.sum() - np.cumsum(concordant)[last]
-    acc = (ties_below + concordant_above) / n
+    eps = a_sorted[last]
+    acc = (np.cumsum(tie_correct)[last] + concordant.sum() - np.cumsum(concordant)[last]) / n
+    if eps[0] > 0:  # eps = 0 is a candidate too: only exact ties (none here), so every pair is ranked
+        eps, acc = np.r_[0.0, eps], np.r_[concordant.sum() / n, acc]
     best = int(np.argmax(acc))  # the first maximum: the smallest threshold
-    return {"accuracy": float(acc[best]), "epsilon": float(a_sorted[last[best]]), "num_pairs": n}
+    return {"accuracy": float(acc[best]), "epsilon": float(eps[best]), "num_pairs": n}
 
 
 def inversion_score(model_scores: Sequence[float], reference_scores: Sequence[float]) -> float:
