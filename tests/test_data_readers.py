@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -39,6 +42,44 @@ def test_two_ranks_two_workers_see_every_sample_once(tmp_path, n, max_count, spl
         assert len(got) == len(ds)  # the manifest-based length is this rank's exact share
         seen += got
     assert sorted(seen) == all_keys
+
+
+_RANK_SCRIPT = """
+import json, sys
+import torch
+from torch.utils.data import DataLoader
+from mmalign.data import PairDataset, collate_pairs
+
+torch.distributed.init_process_group("gloo")
+rank = torch.distributed.get_rank()
+for split in ("auto", "sample"):
+    ds = PairDataset(sys.argv[1], shuffle=True, shuffle_buffer=3, seed=5, ties="keep", decode_images=False,
+                     split=split)
+    ds.set_epoch(1)
+    keys = [k for b in DataLoader(ds, batch_size=2, num_workers=2, collate_fn=collate_pairs) for k in b["keys"]]
+    with open(f"{sys.argv[2]}/{split}-{rank}.json", "w") as fh:
+        json.dump({"keys": keys, "len": len(ds), "world": torch.distributed.get_world_size()}, fh)
+torch.distributed.destroy_process_group()
+"""
+
+
+@pytest.mark.distributed
+def test_two_torchrun_ranks_two_workers_see_every_sample_once(tmp_path):
+    """The real thing: rank and world size from an initialised gloo process group under torchrun."""
+    data = write_pairs(tmp_path / "data", 13, max_count=3)  # 5 shards: unequal shares per rank
+    (tmp_path / "rank.py").write_text(_RANK_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(tmp_path / "rank.py"), str(data), str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for split in ("auto", "sample"):
+        ranks = [json.loads((tmp_path / f"{split}-{r}.json").read_text()) for r in (0, 1)]
+        assert [r["world"] for r in ranks] == [2, 2]
+        assert [len(r["keys"]) for r in ranks] == [r["len"] for r in ranks]  # len() is the rank's exact share
+        assert sorted(ranks[0]["keys"] + ranks[1]["keys"]) == [f"s-{i:05d}" for i in range(13)], split
 
 
 def test_shuffle_is_seeded_per_epoch_and_length_needs_no_scan(tmp_path, monkeypatch):
@@ -206,6 +247,21 @@ def test_winner_and_loser_share_one_random_transform(tmp_path):
     torch.testing.assert_close(pv[3], to_pixel_values(ref[0]))
     torch.testing.assert_close(pv[b + 3], to_pixel_values(ref[1]))
     assert tuple(batch["crop_top_lefts"][3].tolist()) == crop and size == (40, 60)
+
+
+def test_uint8_batches_hold_the_same_pixels_in_less_memory(tmp_path):
+    from functools import partial
+
+    write_pairs(tmp_path, 6, max_count=3)
+    ds = PairDataset(tmp_path, transforms=ImageTransforms(resolution=24, crop="random", random_flip=True), seed=2)
+    (floats,) = DataLoader(ds, batch_size=6, num_workers=0, collate_fn=collate_pairs)
+    (small,) = DataLoader(ds, batch_size=6, num_workers=1, collate_fn=partial(collate_pairs, pixels="uint8"))
+    assert "pixel_values" not in small and small["pixels"].dtype == torch.uint8
+    assert small["pixels"].shape == (12, 24, 24, 3) and small["keys"] == floats["keys"]
+    torch.testing.assert_close(to_pixel_values(small["pixels"]), floats["pixel_values"], rtol=0, atol=0)
+    torch.testing.assert_close(small["crop_top_lefts"], floats["crop_top_lefts"])
+    with pytest.raises(ValueError, match="pixels must be 'float' or 'uint8'"):
+        collate_pairs(list(ds), pixels="half")
 
 
 def test_reading_without_manifest_and_schema_mismatch(tmp_path):

@@ -25,6 +25,7 @@ from mmalign.data import (
     ranked_sample, read_frames, sanitize_key, validate_shards, video_pair_sample, vlm_pair_sample, winners_losers,
 )
 from mmalign.data.schemas import check_key
+from mmalign.data.transforms import to_pixel_values
 from mmalign.data.video import sample_indices
 
 
@@ -63,6 +64,9 @@ def test_ranked_round_trip_and_collate(tmp_path):
     ds = RankedDataset(tmp_path, transforms={"resolution": 16})
     batch = collate_ranked(list(ds))
     assert batch["pixel_values"].shape == (4, 3, 3, 16, 16)
+    small = collate_ranked(list(ds), pixels="uint8")
+    assert small["pixels"].shape == (4, 3, 16, 16, 3) and small["pixels"].dtype == torch.uint8
+    torch.testing.assert_close(to_pixel_values(small["pixels"]), batch["pixel_values"], rtol=0, atol=0)
     torch.testing.assert_close(batch["scores"][2], torch.tensor([0.2, 0.5, -1.0]))
     assert batch["scorers"][0] == ["pickscore"] and batch["original_sizes"].tolist()[0] == [48, 64]
     with pytest.raises(SampleError, match="3 images but 2 scores"):

@@ -13,7 +13,7 @@ Every batch also carries:
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -50,16 +50,24 @@ def batch_buffer(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> 
     return proto.new(proto._typed_storage()._new_shared(numel, device=proto.device)).resize_(shape)
 
 
-def _pixel_batch(rows: list[torch.Tensor]) -> torch.Tensor:
-    """uint8 (H,W,3) images -> float (N,3,H,W) in [-1, 1], converted once, straight into the batch buffer."""
+PixelFormat = Literal["float", "uint8"]
+
+
+def _pixel_batch(rows: list[torch.Tensor], pixels: PixelFormat) -> tuple[str, torch.Tensor]:
+    """uint8 (H,W,3) images -> `("pixel_values", float (N,3,H,W) in [-1, 1])`, converted once, straight into the
+    batch buffer; or with `pixels="uint8"` -> `("pixels", uint8 (N,H,W,3))`, only stacked."""
     from mmalign.data.transforms import to_pixel_values
 
+    if pixels not in ("float", "uint8"):
+        raise ValueError(f"pixels must be 'float' or 'uint8', got {pixels!r}")
     sizes = {tuple(r.shape) for r in rows}
     if len(sizes) != 1:
         raise ValueError(f"images of one batch must share a size (one ImageTransforms.resolution), got "
                          f"{sorted(sizes)}")
     h, w, c = rows[0].shape
-    return to_pixel_values(torch.stack(rows), out=batch_buffer((len(rows), c, h, w)))
+    if pixels == "uint8":
+        return "pixels", torch.stack(rows, out=batch_buffer((len(rows), h, w, c), torch.uint8))
+    return "pixel_values", to_pixel_values(torch.stack(rows), out=batch_buffer((len(rows), c, h, w)))
 
 
 def _stack(values: list[Any]):
@@ -78,7 +86,7 @@ def _cache(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return {"cache": {name: _stack([s["cache"][name] for s in samples]) for name in samples[0]["cache"]}}
 
 
-def collate_pairs(samples: list[dict[str, Any]]) -> dict[str, Any]:
+def collate_pairs(samples: list[dict[str, Any]], pixels: PixelFormat = "float") -> dict[str, Any]:
     """`PairDataset` samples -> a pair batch.
 
     Returns `{"pixel_values": (2B,3,H,W) float in [-1, 1] as [winners; losers], "captions": list[str] (B),
@@ -88,6 +96,11 @@ def collate_pairs(samples: list[dict[str, Any]]) -> dict[str, Any]:
     "winner_index": (B,) long (which stored image is in the winner row: reorder per-image caches with
     `winners_losers`), "provenance", "keys", "shards", "skipped", "skip_reasons", "cursor"}`.
     Without transforms, `"images"` (stored order, PIL) replaces the pixel entries.
+
+    `pixels="uint8"` (`functools.partial(collate_pairs, pixels="uint8")`) gives `"pixels"`: (2B,H,W,3) uint8 in
+    the same order instead of `"pixel_values"`; convert where the batch is used, on its device, with
+    `to_pixel_values(batch["pixels"].to(device))`. A float batch is 4x the bytes: in a DataLoader worker, filling
+    its fresh shared-memory buffer costs about as much CPU as decoding the JPEGs (see docs/data.md, Performance).
     """
     batch = _common(samples)
     batch["captions"] = [s["caption"] for s in samples]
@@ -95,7 +108,8 @@ def collate_pairs(samples: list[dict[str, Any]]) -> dict[str, Any]:
     batch["winner_index"] = torch.tensor([s["winner_index"] for s in samples], dtype=torch.long)
     batch["provenance"] = [s["provenance"] for s in samples]
     if "pixels" in samples[0]:
-        batch["pixel_values"] = _pixel_batch([s["pixels"][0] for s in samples] + [s["pixels"][1] for s in samples])
+        name, value = _pixel_batch([s["pixels"][0] for s in samples] + [s["pixels"][1] for s in samples], pixels)
+        batch[name] = value
         batch["original_sizes"] = torch.tensor([s["original_size"] for s in samples], dtype=torch.long)
         batch["crop_top_lefts"] = torch.tensor([s["crop_top_left"] for s in samples], dtype=torch.long)
     elif "images" in samples[0]:
@@ -111,9 +125,10 @@ def winners_losers(per_image: torch.Tensor, winner_index: torch.Tensor) -> torch
     return torch.cat([per_image[rows, winner_index], per_image[rows, 1 - winner_index]], dim=0)
 
 
-def collate_ranked(samples: list[dict[str, Any]]) -> dict[str, Any]:
+def collate_ranked(samples: list[dict[str, Any]], pixels: PixelFormat = "float") -> dict[str, Any]:
     """`RankedDataset` samples -> `{"pixel_values": (B,K,3,H,W), "scores": (B,K) (higher is better),
-    "captions", "scorers", "original_sizes": (B,2), "crop_top_lefts": (B,2), ...}`. All samples need the same K."""
+    "captions", "scorers", "original_sizes": (B,2), "crop_top_lefts": (B,2), ...}`. All samples need the same K.
+    `pixels="uint8"`: `"pixels"` (B,K,H,W,3) uint8 instead of `"pixel_values"` (see `collate_pairs`)."""
     batch = _common(samples)
     ks = {len(s["scores"]) for s in samples}
     if len(ks) != 1:
@@ -125,7 +140,8 @@ def collate_ranked(samples: list[dict[str, Any]]) -> dict[str, Any]:
     batch["provenance"] = [s["provenance"] for s in samples]
     if "pixels" in samples[0]:
         k = len(samples[0]["pixels"])
-        batch["pixel_values"] = _pixel_batch([im for s in samples for im in s["pixels"]]).unflatten(0, (-1, k))
+        name, value = _pixel_batch([im for s in samples for im in s["pixels"]], pixels)
+        batch[name] = value.unflatten(0, (-1, k))
         batch["original_sizes"] = torch.tensor([s["original_size"] for s in samples], dtype=torch.long)
         batch["crop_top_lefts"] = torch.tensor([s["crop_top_left"] for s in samples], dtype=torch.long)
     elif "images" in samples[0]:

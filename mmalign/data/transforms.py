@@ -85,11 +85,12 @@ def transform_images(images: list, cfg: ImageTransforms, rng: random.Random):
 
 
 def to_pixel_values(pixels: "torch.Tensor", out: "torch.Tensor | None" = None) -> "torch.Tensor":
-    """uint8 (..., H, W, 3) -> float32 (..., 3, H, W) in [-1, 1] (x / 127.5 - 1), written into `out` if given."""
+    """uint8 (..., H, W, 3) -> float32 (..., 3, H, W) in [-1, 1] (x / 127.5 - 1), written into `out` if given
+    (else on the device of `pixels`)."""
     import torch
 
     chw = pixels.movedim(-1, -3)
     if out is None:
-        out = torch.empty(chw.shape, dtype=torch.float32)
+        out = torch.empty(chw.shape, dtype=torch.float32, device=pixels.device)
     out.copy_(chw)
     return out.div_(127.5).sub_(1.0)

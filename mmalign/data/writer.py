@@ -172,9 +172,9 @@ class ShardSetWriter:
             logger.warning("%s: the interrupted run there had other inputs or options; converting from the start",
                            self.out_dir)
             return set()
-        for entry in shards:
+        for i, entry in enumerate(shards):
             file = self.out_dir / entry.name
-            if not file.is_file() or file.stat().st_size != entry.bytes or _sha256(file) != entry.sha256:
+            if entry.name != f"{self.prefix}-{i:06d}.tar" or not file.is_file() or file.stat().st_size != entry.bytes or _sha256(file) != entry.sha256:
                 logger.warning("%s: finished shard %s of the interrupted run is missing or changed; converting from "
                                "the start", self.out_dir, entry.name)
                 return set()
