@@ -23,8 +23,9 @@ stage, for shards and for parquet: it bounds the ratio any reader can reach when
 
 Last, a tiny-model training loop: the step time of the tiny Diffusion-DPO step is measured with
 `scripts/bench/t2i_step.py` (naive variant: it consumes pixels; or given with `--step-s`), then the shard reader
-feeds a loop whose step burns the CPU for that long (the worst case on a CPU-only machine: the step competes with
-the workers), and the time each step waited for its batch is reported.
+feeds a loop whose step lasts that long, twice: sleeping (a GPU step: the CPU is free for the workers) and keeping
+the CPU busy (a CPU-only machine, where the step competes with the workers); the time each step waited for its
+batch is reported.
 
     python scripts/bench/data.py [--pairs 2000] [--workers 2] [--size 256] [--resolution 256] [--jpeg-draft]
                                  [--pixels float|uint8] [--step-s S]
@@ -327,8 +328,9 @@ def tiny_step_seconds(pairs: int, resolution: int) -> float:
     return float(rows[0][1])
 
 
-def data_wait(loader: DataLoader, step_s: float, steps: int) -> list[float]:
-    """A training loop whose step keeps the CPU busy for `step_s`; returns the seconds each step waited for data."""
+def data_wait(loader: DataLoader, step_s: float, steps: int, busy: bool) -> list[float]:
+    """A training loop whose step lasts `step_s`, keeping this process's CPU busy (`busy`: a CPU-only machine) or
+    sleeping (a GPU step: the CPU is free for the workers); returns the seconds each step waited for data."""
     it = iter(loader)
     next(it)  # worker start-up is not a training step
     a = torch.randn(256, 256)
@@ -340,6 +342,9 @@ def data_wait(loader: DataLoader, step_s: float, steps: int) -> list[float]:
         except StopIteration:
             break
         waits.append(time.perf_counter() - t0)
+        if not busy:
+            time.sleep(step_s)
+            continue
         end = time.perf_counter() + step_s
         while time.perf_counter() < end:
             a = torch.tanh(a @ a)
@@ -443,17 +448,18 @@ def main(argv: list[str] | None = None) -> int:
             rate, _, cpu, _, _ = time_loader(DataLoader(tiny_ds, collate_fn=shard_collate, **common))
             need = args.step_pairs / step_s
             steps = min(args.steps, args.pairs // args.step_pairs - 2)
-            waits = data_wait(DataLoader(tiny_ds, batch_size=args.step_pairs, num_workers=args.workers,
-                                         collate_fn=shard_collate), step_s, steps)
             print(f"\ntiny-model loop: the tiny Diffusion-DPO step ({args.step_pairs} pairs at {args.step_resolution} "
                   f"px) takes {step_s * 1000:.0f} ms {'(given)' if args.step_s else '(measured by t2i_step.py)'}: "
                   f"{need:.1f} pairs/s needed; the shard reader delivers {rate:.0f} pairs/s at that resolution "
                   f"({rate / need:.0f}x) for {cpu * 1000:.1f} CPU ms per pair, {args.step_pairs * cpu / step_s:.1%} "
                   f"of one core per step")
-            print(f"  {len(waits)} steps with a CPU-busy step of that length: wait for data mean "
-                  f"{np.mean(waits) * 1000:.1f} ms, max {np.max(waits) * 1000:.1f} ms "
-                  f"({np.mean(waits) / step_s:.1%} of a step); steps that waited over 10% of a step: "
-                  f"{sum(w > 0.1 * step_s for w in waits)}")
+            for busy in (False, True):
+                waits = data_wait(DataLoader(tiny_ds, batch_size=args.step_pairs, num_workers=args.workers,
+                                             collate_fn=shard_collate), step_s, steps, busy)
+                kind = "CPU-busy step (CPU-only training)" if busy else "sleeping step (GPU training)"
+                print(f"  {len(waits)} steps, {kind}: wait for data mean {np.mean(waits) * 1000:.1f} ms, max "
+                      f"{np.max(waits) * 1000:.1f} ms ({np.mean(waits) / step_s:.1%} of a step); steps that waited "
+                      f"over 10% of a step: {sum(w > 0.1 * step_s for w in waits)}")
         return 0
     finally:
         if not args.workdir:
