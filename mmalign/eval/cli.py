@@ -11,6 +11,7 @@ import argparse
 EVAL_COMMANDS: dict[str, tuple[str, str]] = {
     "reward": ("mmalign.eval.reward",
                "reward models vs labelled shards: pairwise accuracy, accuracy with ties, inversion score"),
+    "vlm-toy": ("mmalign.vlm.proof", "toy proof of VLM DPO on STIC / BDHS pairs vs SFT-only, over seeds"),
 }
 
 
