@@ -117,6 +117,15 @@ def test_missing_config_file_is_a_clear_error(tmp_path, capsys):
     assert "config file not found" in capsys.readouterr().err
 
 
-def test_cache_only_says_it_is_not_built(tmp_path, capsys):
-    assert main(["train", str(write(tmp_path, MINIMAL)), "--cache-only"]) == 2
-    assert "not built yet" in capsys.readouterr().err
+def test_cache_only_names_missing_shards_and_refuses_several_processes(tmp_path, capsys, monkeypatch):
+    data = yaml.safe_load(yaml.safe_dump(MINIMAL))
+    data["model"]["pretrained"] = str(Path(__file__).resolve().parents[1] / "assets" / "tiny" / "sd15")
+    data["data"]["shards"] = str(tmp_path / "no_shards")
+    path = write(tmp_path, data)
+    assert main(["train", str(path), "--cache-only"]) == 2
+    err = capsys.readouterr().err
+    assert "mmalign train --cache-only" in err and str(tmp_path / "no_shards") in err and "no such shard" in err
+    assert "Loading weights" not in err  # the data is checked before any model loads
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["train", str(path), "--cache-only"]) == 2
+    assert "run it in one process" in capsys.readouterr().err

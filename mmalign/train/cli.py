@@ -33,17 +33,13 @@ def run(args: argparse.Namespace) -> int:
         print("mmalign train --cache-only: run it in one process (python -m mmalign.cli train CONFIG "
               "--cache-only), not under a multi-process launcher: one writer builds the cache", file=sys.stderr)
         return 2
-    if args.cache_only:  # until the text-to-image cache lands (issue 5)
-        print("mmalign train --cache-only: not built yet: the latent + text-embedding cache for training",
-              file=sys.stderr)
-        return 2
     from mmalign.adapters.t2i import ModelLoadError
     from mmalign.data.cache import StaleCacheError
     from mmalign.data.manifest import ManifestError
     from mmalign.train.tasks import task_for
     from mmalign.train.trainer import TrainingError, train
 
-    what = "--cache-only" if args.cache_only else "train"
+    what = "train --cache-only" if args.cache_only else "train"
     try:
         if args.cache_only:
             print(f"mmalign train --cache-only: wrote {task_for(cfg).build_cache()}")

@@ -140,7 +140,7 @@ def read_cached(batch: dict) -> tuple[Tensor, TextConditioning, Tensor, Tensor]:
 
     entry = batch["cache"][CACHE_NAME]
     per_image = torch.as_tensor(entry["latents"])  # (B, K, 2C, h, w), stored image order
-    if "winner_index" in batch and "scores" not in batch:  # pairs: reorder to [winners; losers]
+    if "winner_index" in batch:  # pairs (collate_pairs): reorder to [winners; losers]
         posterior = winners_losers(per_image, batch["winner_index"]).view(2, per_image.shape[0],
                                                                           *per_image.shape[2:])
     else:
@@ -259,13 +259,6 @@ def build_cache(cfg: T2ITrainConfig, device: torch.device | str | None = None, p
 
     d = cfg.data
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    m = cfg.model
-    comps = load_t2i_components(m.pretrained, revision=m.revision, variant=m.variant)
-    if comps.is_sdxl and d.resolution % 16:
-        raise TrainingError(f"data.resolution {d.resolution} is not a multiple of 16, which SDXL needs")
-    for module in [x for x in (comps.vae, *comps.text_encoders) if x is not None]:
-        module.to(device, dtype=encoder_dtype(cfg))
-    adapter = T2IAdapter(comps, reference=None)
     common = dict(transforms={"resolution": d.resolution, "crop": "center", "random_flip": False},
                   shuffle=False, rank=0, world_size=1, strict=d.strict)
     if d.schema_name == "ranked":
@@ -273,6 +266,13 @@ def build_cache(cfg: T2ITrainConfig, device: torch.device | str | None = None, p
     else:
         dataset, collate = PairDataset(d.shards, ties="keep", **common), collate_pairs
     loader = DataLoader(dataset, batch_size=cfg.train.batch_size, collate_fn=collate, num_workers=d.num_workers)
+    m = cfg.model  # the model loads only once the shards opened
+    comps = load_t2i_components(m.pretrained, revision=m.revision, variant=m.variant)
+    if comps.is_sdxl and d.resolution % 16:
+        raise TrainingError(f"data.resolution {d.resolution} is not a multiple of 16, which SDXL needs")
+    for module in [x for x in (comps.vae, *comps.text_encoders) if x is not None]:
+        module.to(device, dtype=encoder_dtype(cfg))
+    adapter = T2IAdapter(comps, reference=None)
     writer = CacheWriter(d.shards, CACHE_NAME, cache_producer(cfg), overwrite=True)
     bar = tqdm(total=len(dataset), desc="cache", disable=not progress)
     for batch in loader:

@@ -122,12 +122,12 @@ def train(cfg: BaseTrainConfig) -> TrainResult:
     from tqdm.auto import tqdm
 
     task: Task = task_for(cfg)
+    task.check_inputs()  # bad data, paths, caches: before the accelerator starts or any model loads
     run_dir = Path(cfg.run.output_dir)
     accelerator = Accelerator(gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
                               mixed_precision=cfg.train.mixed_precision,
                               cpu=not torch.cuda.is_available())
     device = accelerator.device
-    task.check_inputs()
     if accelerator.is_main_process:
         _check_run_dir(cfg, run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
