@@ -14,7 +14,7 @@ def _images(n, seed=0, size=32):
     return [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
 
 
-@pytest.fixture(scope="module", params=["llava", "qwen2_vl"])
+@pytest.fixture(scope="module", params=["llava", "llava_next", "qwen2_vl"])
 def tiny_vlm(request, tmp_path_factory):
     from mmalign.vlm.tiny import build_tiny_vlm
 
@@ -102,8 +102,8 @@ def test_a_prompt_over_max_prompt_length_raises_naming_the_sample(tiny_vlm):
 
 def test_vision_tower_frozen_by_default_and_configurable(tiny_vlm):
     path, family = tiny_vlm
-    tower = "model.vision_tower" if family == "llava" else "model.visual.blocks"
-    projector = "model.multi_modal_projector" if family == "llava" else "model.visual.merger"
+    tower = "model.visual.blocks" if family == "qwen2_vl" else "model.vision_tower"
+    projector = "model.visual.merger" if family == "qwen2_vl" else "model.multi_modal_projector"
 
     def flags(adapter, prefix):
         return {p.requires_grad for n, p in adapter.model.named_parameters() if n.startswith(prefix)}

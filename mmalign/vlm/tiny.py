@@ -1,8 +1,10 @@
-"""Tiny LLaVA-style and Qwen2-VL-style models built from configs, for tests, the toy VLM and CPU benchmarks.
+"""Tiny LLaVA-style (1.5 and 1.6/NeXT) and Qwen2-VL-style models built from configs, for tests, the toy VLM and
+CPU benchmarks.
 
 They are the real transformers classes (`LlavaForConditionalGeneration` + `LlavaProcessor`,
-`Qwen2VLForConditionalGeneration` + `Qwen2VLProcessor`) with small widths, a byte-level BPE tokenizer trained in
-code (it round-trips any text; toy-world words become single tokens) and a chat template in the family's style.
+`LlavaNextForConditionalGeneration` + `LlavaNextProcessor`, `Qwen2VLForConditionalGeneration` +
+`Qwen2VLProcessor`) with small widths, a byte-level BPE tokenizer trained in code (it round-trips any text;
+toy-world words become single tokens) and a chat template in the family's style.
 `save_pretrained` writes a folder that `mmalign.adapters.vlm.load_vlm` loads through the same
 `from_pretrained` code a real checkpoint uses. Nothing here downloads anything.
 """
@@ -111,6 +113,44 @@ def tiny_llava(image_size: int = 32, patch_size: int = 4, vision_width: int = 64
     return model, processor
 
 
+def tiny_llava_next(image_size: int = 32, patch_size: int = 8, vision_width: int = 32, text_width: int = 64,
+                    vision_layers: int = 2, text_layers: int = 2, heads: int = 4, seed: int = 0,
+                    corpus: Iterable[str] = TOY_CORPUS):
+    """(model, processor): a tiny `LlavaNextForConditionalGeneration` (LLaVA-1.6 style: any-resolution tiling
+    over the grid pinpoints 1x1, 1x2, 2x1, 2x2 tiles of `image_size`) and its `LlavaNextProcessor`."""
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
+                              LlavaNextProcessor)
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    tokenizer = bpe_tokenizer(LLAVA_SPECIAL, corpus, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    tokenizer.padding_side = "left"
+    pinpoints = [[image_size, image_size], [image_size, 2 * image_size], [2 * image_size, image_size],
+                 [2 * image_size, 2 * image_size]]
+    vision = CLIPVisionConfig(hidden_size=vision_width, intermediate_size=2 * vision_width,
+                              num_hidden_layers=vision_layers, num_attention_heads=heads, image_size=image_size,
+                              patch_size=patch_size, projection_dim=vision_width)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=text_width, intermediate_size=2 * text_width,
+                       num_hidden_layers=text_layers, num_attention_heads=heads, num_key_value_heads=heads,
+                       max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = LlavaNextConfig(vision_config=vision, text_config=text,
+                             image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+                             image_grid_pinpoints=pinpoints, vision_feature_layer=-1,
+                             vision_feature_select_strategy="default",
+                             image_seq_length=(image_size // patch_size) ** 2)
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": image_size},
+                                                 crop_size={"height": image_size, "width": image_size},
+                                                 image_grid_pinpoints=pinpoints)
+    processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+                                   vision_feature_select_strategy="default", chat_template=LLAVA_CHAT_TEMPLATE,
+                                   num_additional_image_tokens=1)
+    return model, processor
+
+
 def tiny_qwen2_vl(image_size: int = 56, patch_size: int = 14, merge_size: int = 2, vision_width: int = 32,
                   text_width: int = 64, vision_layers: int = 1, text_layers: int = 2, heads: int = 4,
                   seed: int = 0, corpus: Iterable[str] = TOY_CORPUS):
@@ -153,9 +193,10 @@ def tiny_qwen2_vl(image_size: int = 56, patch_size: int = 14, merge_size: int = 
     return model, processor
 
 
-def build_tiny_vlm(out_dir: str | Path, family: Literal["llava", "qwen2_vl"] = "llava", **kwargs) -> Path:
+def build_tiny_vlm(out_dir: str | Path, family: Literal["llava", "llava_next", "qwen2_vl"] = "llava",
+                   **kwargs) -> Path:
     """Build a tiny model of `family` and `save_pretrained` it (model + processor) into `out_dir`."""
-    builders = {"llava": tiny_llava, "qwen2_vl": tiny_qwen2_vl}
+    builders = {"llava": tiny_llava, "llava_next": tiny_llava_next, "qwen2_vl": tiny_qwen2_vl}
     if family not in builders:
         raise ValueError(f"family {family!r}: valid families are {sorted(builders)}")
     model, processor = builders[family](**kwargs)
