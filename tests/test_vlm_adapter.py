@@ -155,6 +155,19 @@ def test_batched_left_padded_generation_equals_one_at_a_time(tiny_vlm):
     assert prefixed == single
 
 
+def test_generation_prefix_is_never_cut_by_max_length(tiny_vlm):
+    # max_length cuts scored responses; an answer start to continue (a BDHS context) must reach the model whole.
+    path, _ = tiny_vlm
+    images = [[im] for im in _images(2, seed=4)]
+    prefixes = ["a red circle on the left. a blue", "a green square on the"]
+    full = load_vlm(path).generate(PROMPTS[:2], images, max_new_tokens=4, prefixes=prefixes)
+    cut = load_vlm(path, max_length=2)
+    assert len(cut.response_ids(prefixes[1], eos=False)) == 2
+    assert cut.generate(PROMPTS[:2], images, max_new_tokens=4, prefixes=prefixes) == full
+    short = [cut.tokenizer.decode(cut.response_ids(p, eos=False)) for p in prefixes]
+    assert load_vlm(path).generate(PROMPTS[:2], images, max_new_tokens=4, prefixes=short) != full
+
+
 def test_fully_hidden_image_makes_generation_blind(tiny_vlm):
     path, _ = tiny_vlm
     adapter = load_vlm(path)

@@ -6,14 +6,18 @@ A caption is well formed when it parses as ``a {color} {shape} on the {position}
 - `hallucination_sampled`: mean of ``1 - p(true colour word | image, prompt, "a")``, the probability that a caption
   sampled at temperature 1 names a wrong colour (or no colour) in the colour slot: the noise greedy decoding hides;
 - `shape_accuracy`, `position_accuracy`: share of greedy captions that parse and name the true shape / position;
-- `format_validity`: share of greedy captions that parse.
+- `format_validity`: share of greedy captions that parse;
+- `hallucination_greedy_by_colour`: the greedy rate per true colour (a model that learned "never say green"
+  shows up here and hardly in the mean).
+
+`pair_differences` says what the chosen and rejected captions of a pair set differ in.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -96,6 +100,7 @@ def evaluate_toy(adapter, scenes: Sequence[Scene], *, prompt: str = TOY_PLAIN_PR
     from tqdm.auto import tqdm
 
     sums: dict[str, float] = {}
+    by_colour = {c: [0, 0] for c in COLORS}  # true colour -> [hallucinated, scenes]
     p_true = []
     for start in tqdm(range(0, len(scenes), batch_size), desc="toy eval", disable=not progress):
         chunk = list(scenes[start: start + batch_size])
@@ -104,11 +109,42 @@ def evaluate_toy(adapter, scenes: Sequence[Scene], *, prompt: str = TOY_PLAIN_PR
         for cap, scene in zip(captions, chunk):
             for k, v in caption_metrics(cap.strip(), scene).items():
                 sums[k] = sums.get(k, 0.0) + v
+                if k == "hallucination_greedy":
+                    by_colour[scene.color][0] += int(v)
+                    by_colour[scene.color][1] += 1
         p_true.append(true_colour_probability(adapter, chunk, images, prompt))
     n = len(scenes)
     out = {k: v / n for k, v in sums.items()}
     out["hallucination_sampled"] = float(1.0 - np.concatenate(p_true).mean())
     h = out["hallucination_greedy"]
     out["hallucination_greedy_se"] = math.sqrt(max(h * (1 - h), 1e-12) / n)
+    out["hallucination_greedy_by_colour"] = {c: k / m for c, (k, m) in by_colour.items() if m}
     out["n"] = n
+    return out
+
+
+def pair_differences(chosen: Sequence[str], rejected: Sequence[str]) -> dict[str, Any]:
+    """What the rejected captions of a pair set change, over the pairs whose two captions both parse:
+    `colour`, `shape`, `position` (share of pairs where that slot differs), `colour_only` (only the colour
+    differs), `rejected_colours` (share of each colour among the rejected captions that change the colour),
+    `n_parsed` and `n`. A preference signal aimed at colour has `colour_only` near 1; rejected colours piled on one
+    colour teach "avoid that colour" whatever the image shows."""
+    diff = {"colour": 0, "shape": 0, "position": 0, "colour_only": 0}
+    rejected_colours = {c: 0 for c in COLORS}
+    parsed = 0
+    for c, r in zip(chosen, rejected):
+        try:
+            (cc, cs, cp), (rc, rs, rp) = parse_caption(c), parse_caption(r)
+        except ValueError:
+            continue
+        parsed += 1
+        diff["colour"] += rc != cc
+        diff["shape"] += rs != cs
+        diff["position"] += rp != cp
+        diff["colour_only"] += rc != cc and rs == cs and rp == cp
+        if rc != cc:
+            rejected_colours[rc] += 1
+    out: dict[str, Any] = {k: v / max(parsed, 1) for k, v in diff.items()}
+    out["rejected_colours"] = {k: v / max(diff["colour"], 1) for k, v in rejected_colours.items()}
+    out.update(n_parsed=parsed, n=len(chosen))
     return out
