@@ -11,6 +11,16 @@ Image losses (`method.loss`), from `mmalign.losses`, with r_w, r_l the rewards o
 - `bt`: Bradley-Terry, ties excluded from the loss;
 - `btt`: Bradley-Terry with ties (Rao-Kupper, `method.btt_k`).
 
+Per-pair weights (`method.prompt_weight`, soft_ce and bt): `batch` weighs each pair by 1 / (pairs of its prompt in
+the batch), so every prompt counts once; `dataset` by 1 / `num_example_per_prompt` from the sample's provenance ids
+(Pick-a-Pic's column, the PickScore weighting). The losses normalise the weights to sum 1 over the batch.
+
+Under DDP (world size > 1), `method.gather` (default on) gathers every process's rewards, labels, weights and, for
+`batch` weights, prompts before the loss (`gather_cat`, differentiable, like open_clip's `gather_features`): every
+process computes the same loss over the global batch, and with DDP's gradient averaging the parameters get exactly
+that loss's gradient on the concatenated batch. Without it each process's loss (and its weight normalisation, the
+tie exclusion of bt) covers its own micro-batch only.
+
 Only the last `model.unfreeze_vision_blocks` / `model.unfreeze_text_blocks` blocks train (-1: all); the logit
 scale trains unless `model.train_logit_scale: false` and is clamped to `model.max_logit_scale` after every step.
 The final model is exported to `RUN/reward_model/`, a folder its scorer loads back (`load_scorer(folder)`,
@@ -25,7 +35,7 @@ from pathlib import Path
 from typing import Any, Iterator, Literal, Optional
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from mmalign.config import StrictModel
 from mmalign.data.video import FrameSampling
@@ -58,6 +68,19 @@ class RewardMethodConfig(StrictModel):
     loss: Literal["soft_ce", "bt", "btt"] = Field("soft_ce", description="Image pairs: soft_ce (ties as 1/2), bt "
                                                                          "(ties excluded) or btt. Video: btt.")
     btt_k: float = Field(5.0, gt=1, description="Tie parameter k of btt (larger: ties likelier).")
+    prompt_weight: Literal["none", "batch", "dataset"] = Field(
+        "none", description="Per-pair weights (soft_ce, bt): none (uniform); batch: 1 / pairs of the same prompt "
+                            "in the (global) batch; dataset: 1 / provenance ids.num_example_per_prompt (PickScore).")
+    gather: bool = Field(True, description="Under DDP, compute the loss over the global batch (rewards, labels, "
+                                           "weights gathered differentiably across processes); no effect on one "
+                                           "process.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "RewardMethodConfig":
+        if self.prompt_weight != "none" and self.loss == "btt":
+            raise ValueError(f"prompt_weight {self.prompt_weight!r}: btt takes no per-pair weights; use soft_ce or "
+                             "bt, or prompt_weight 'none'")
+        return self
 
 
 class RewardDataConfig(StrictModel):
@@ -86,9 +109,82 @@ def _pair_labels(label: torch.Tensor) -> torch.Tensor:
     return torch.where(label == 0.5, torch.zeros_like(label), torch.ones_like(label))
 
 
-def image_pair_loss(module, batch: dict, loss: str = "soft_ce", k: float = 5.0
-                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """A `collate_pairs` batch ([winners; losers], pixel values in [-1, 1]) -> loss from `mmalign.losses`."""
+def world_size() -> int:
+    """Processes in the default torch.distributed group (1 when it is not initialised)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class _GatherCat(torch.autograd.Function):
+    """all_gather forward; backward: the gradients of every process summed (all_reduce, which every backend has,
+    unlike reduce_scatter on gloo), this process's rows returned."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rows = slice(dist.get_rank() * x.shape[0], (dist.get_rank() + 1) * x.shape[0])
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.rows]
+
+
+def gather_cat(x: torch.Tensor) -> torch.Tensor:
+    """(B, ...) on each of W processes -> (W*B, ...), rows in rank order, on every process; B must be equal
+    everywhere (the loop's micro-batches are: incomplete batches are dropped).
+
+    Differentiable: the backward pass gives each process the sum over processes of the gradients with respect to
+    its own rows. When every process computes the same loss L on the gathered rows, that sum is W * dL/dx_own, and
+    DDP's averaging over W processes leaves each parameter exactly dL/dθ of the concatenated batch.
+    """
+    return _GatherCat.apply(x)
+
+
+def gather_objects(items: list) -> list:
+    """A list on each process -> the concatenation, in rank order, on every process (picklable items)."""
+    import torch.distributed as dist
+
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, list(items))
+    return [x for part in parts for x in part]
+
+
+def prompt_counts_weight(prompts: list[str]) -> torch.Tensor:
+    """(B,) 1 / (occurrences of each pair's prompt among `prompts`): every prompt weighs 1 in total."""
+    from collections import Counter
+
+    counts = Counter(prompts)
+    return torch.tensor([1.0 / counts[p] for p in prompts], dtype=torch.float32)
+
+
+def dataset_prompt_weight(provenance: list[dict]) -> torch.Tensor:
+    """(B,) 1 / provenance ids.num_example_per_prompt (Pick-a-Pic's pairs per prompt in the whole data set)."""
+    out = []
+    for i, prov in enumerate(provenance):
+        n = (prov or {}).get("ids", {}).get("num_example_per_prompt")
+        if not isinstance(n, (int, float)) or n <= 0:
+            raise ValueError(f"method.prompt_weight 'dataset': pair {i} of the batch has no positive provenance "
+                             f"ids.num_example_per_prompt (got {n!r}); it is written by the Pick-a-Pic converter. "
+                             "Use prompt_weight 'batch' or 'none' for other data")
+        out.append(1.0 / float(n))
+    return torch.tensor(out, dtype=torch.float32)
+
+
+def image_pair_loss(module, batch: dict, loss: str = "soft_ce", k: float = 5.0, prompt_weight: str = "none",
+                    gather: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A `collate_pairs` batch ([winners; losers], pixel values in [-1, 1]) -> loss from `mmalign.losses`.
+
+    With `gather` (needs torch.distributed), rewards, labels, weights and prompts are gathered across processes
+    first, so the loss is over the global batch (see the module docstring)."""
     from mmalign.losses import bt_loss, btt_loss, soft_ce_loss
 
     prompts = list(batch["captions"])
@@ -96,11 +192,24 @@ def image_pair_loss(module, batch: dict, loss: str = "soft_ce", k: float = 5.0
     b = len(prompts)
     r_w, r_l = rewards[:b], rewards[b:]
     label = batch["label"].to(rewards.device)
+    weight = None
+    if prompt_weight == "dataset":
+        weight = dataset_prompt_weight(batch["provenance"]).to(rewards.device)
+    if gather:
+        r_w, r_l, label = gather_cat(r_w), gather_cat(r_l), gather_cat(label)
+        if weight is not None:
+            weight = gather_cat(weight)
+        if prompt_weight == "batch":
+            prompts = gather_objects(prompts)
+    if prompt_weight == "batch":
+        weight = prompt_counts_weight(prompts).to(rewards.device)
     if loss == "soft_ce":
-        value, m = soft_ce_loss(r_w, r_l, label)
+        value, m = soft_ce_loss(r_w, r_l, label, weight)
     elif loss == "bt":
-        value, m = bt_loss(r_w, r_l, _pair_labels(label))
+        value, m = bt_loss(r_w, r_l, _pair_labels(label), weight)
     else:
+        if weight is not None:
+            raise ValueError(f"prompt_weight {prompt_weight!r}: btt takes no per-pair weights")
         value, m = btt_loss(r_w, r_l, _pair_labels(label), k=k)
     metrics = {f"reward/{name}": v for name, v in m.items()}
     metrics["rewards/chosen"] = r_w.detach().mean()
@@ -109,10 +218,18 @@ def image_pair_loss(module, batch: dict, loss: str = "soft_ce", k: float = 5.0
 
 
 def _tiny_clip(run_dir: str, seed: int) -> str:
-    """The tiny test CLIP, built (deterministically from `seed`) into the run folder."""
-    from mmalign.rewards.tiny import build_tiny_clip
+    """The tiny test CLIP, built (deterministically from `seed`) into `RUN/tiny_clip_seed{seed}` by the main
+    process while the others wait (transformers saves from the main process only in a distributed run)."""
+    from accelerate import PartialState
 
-    return str(build_tiny_clip(Path(run_dir) / "tiny_clip", seed=seed))
+    from mmalign.rewards.tiny import build_tiny_clip
+    from mmalign.train.checkpoint import atomic_dir
+
+    final = Path(run_dir) / f"tiny_clip_seed{seed}"
+    with PartialState().main_process_first():
+        if not (final / "config.json").is_file():
+            atomic_dir(final, lambda tmp: build_tiny_clip(tmp, seed=seed))
+    return str(final)
 
 
 class RewardTask(Task):
@@ -178,11 +295,12 @@ class RewardTask(Task):
 
     @staticmethod
     def compute_loss(cfg, model, module, unwrapped, batch, generator):
+        gather = cfg.method.gather and world_size() > 1
         if cfg.model.kind == "video":
             from mmalign.rewards.video import video_pair_loss
 
-            return video_pair_loss(module, batch, k=cfg.method.btt_k)
-        return image_pair_loss(module, batch, cfg.method.loss, cfg.method.btt_k)
+            return video_pair_loss(module, batch, k=cfg.method.btt_k, gather=gather)
+        return image_pair_loss(module, batch, cfg.method.loss, cfg.method.btt_k, cfg.method.prompt_weight, gather)
 
     def after_optimizer_step(self, unwrapped) -> None:
         import math
