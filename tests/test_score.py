@@ -169,3 +169,36 @@ def test_score_cli_reports_and_rejects(shards, tmp_path, capsys):
     assert main(["score", "--scorers", "nope", "--in", str(root), "--out", str(tmp_path / "o")]) == 2
     assert "unknown scorer 'nope'" in capsys.readouterr().err
     shutil.rmtree(tmp_path / "o")
+
+
+def test_ray_backend_matches_the_process_backend(shards, tiny_clip, tmp_path):
+    """`mmalign score --ray` on a local Ray (2 CPUs): same scores, skip counts and reasons as the process backend;
+    finished shards are skipped on a second run."""
+    ray = pytest.importorskip("ray")
+    from mmalign.rewards.scoring import score_shards_ray
+
+    root, _ = shards
+    specs = ["toy_color", f"pickscore={tiny_clip}"]
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}})
+    try:
+        report = score_shards_ray(root, tmp_path / "ray", specs, batch_size=4, num_actors=1, wave=3,
+                                  progress=False)
+        assert (report.shards_scored, report.samples, report.skipped) == (4, 11, 1)
+        assert report.skip_reasons["decode"] == 1
+        again = score_shards_ray(root, tmp_path / "ray", specs, progress=False)
+        assert (again.shards_scored, again.shards_already_done) == (0, 4)
+    finally:
+        ray.shutdown()
+    score_shards(root, tmp_path / "local", specs, batch_size=4, progress=False)
+    for name in ("toy_color", "pickscore"):
+        by_ray, info = read_scores(tmp_path / "ray", name, root)
+        local, local_info = read_scores(tmp_path / "local", name, root)
+        assert info["version"] == local_info["version"] and by_ray.keys() == local.keys() and len(local) == 11
+        for key in local:
+            np.testing.assert_allclose(by_ray[key], local[key], rtol=1e-5, atol=1e-6)
+        for shard in sorted(p.name for p in root.glob("*.tar")):
+            h_ray, h_local = (json.loads(score_path(d, name, shard).read_text().splitlines()[0])
+                              for d in (tmp_path / "ray", tmp_path / "local"))
+            assert (h_ray["count"], h_ray["skipped"], h_ray["skip_reasons"], h_ray["written_by"]) == \
+                (h_local["count"], h_local["skipped"], h_local["skip_reasons"], "ray")

@@ -330,10 +330,11 @@ def score_shards_ray(source: str | os.PathLike, out_dir: str | os.PathLike, scor
             images, prompt = _items(schema, sample)
             for j, im in enumerate(images):
                 rows.append({"shard": i, "key": sample["__key__"], "item": j, "n_items": len(images),
-                             "image": np.asarray(im), "prompt": prompt, "skipped": 0})
-        # One marker row per shard carries its skip count (it has no image to score).
+                             "image": np.asarray(im), "prompt": prompt, "skipped": 0, "reasons": ""})
+        # One marker row per shard carries its skip count and reasons (it has no image to score).
         rows.append({"shard": i, "key": "", "item": -1, "n_items": 0, "image": np.zeros((1, 1, 3), np.uint8),
-                     "prompt": "", "skipped": int(dataset.stats.skipped)})
+                     "prompt": "", "skipped": int(dataset.stats.skipped),
+                     "reasons": json.dumps(dict(dataset.stats.reasons))})
         return rows
 
     class ScoreActor:
@@ -347,7 +348,8 @@ def score_shards_ray(source: str | os.PathLike, out_dir: str | os.PathLike, scor
 
             real = [k for k in range(len(batch["item"])) if batch["item"][k] >= 0]
             for s in self.scorers:
-                col = np.full(len(batch["item"]), np.nan, dtype=object)
+                # JSON text, "" on marker rows: one string type in every block (Ray unifies block schemas).
+                col = np.array([""] * len(batch["item"]), dtype=object)
                 if real:
                     scores = _score_items(s, [batch["image"][k] for k in real],
                                           [str(batch["prompt"][k]) for k in real], len(real))
@@ -361,13 +363,16 @@ def score_shards_ray(source: str | os.PathLike, out_dir: str | os.PathLike, scor
         chunk = todo[start:start + wave]
         ds = ray.data.from_items([{"shard": i} for i in chunk]).flat_map(decode)
         ds = ds.map_batches(ScoreActor, fn_constructor_args=(list(scorer_specs),), batch_size=batch_size,
-                            concurrency=num_actors, num_gpus=gpus_per_actor, batch_format="numpy")
+                            compute=ray.data.ActorPoolStrategy(size=num_actors), num_gpus=gpus_per_actor,
+                            batch_format="numpy")
         per_shard: dict[int, dict[str, dict[str, list]]] = {i: {n: {} for n in infos} for i in chunk}
         skipped: Counter = Counter()
+        reasons: dict[int, Counter] = {i: Counter() for i in chunk}
         for row in ds.iter_rows():
             i = int(row["shard"])
             if int(row["item"]) < 0:
                 skipped[i] += int(row["skipped"])
+                reasons[i].update(json.loads(row["reasons"]))
                 continue
             for n in infos:
                 slots = per_shard[i][n].setdefault(row["key"], [None] * int(row["n_items"]))
@@ -376,8 +381,9 @@ def score_shards_ray(source: str | os.PathLike, out_dir: str | os.PathLike, scor
             for n, info in infos.items():
                 rows = sorted(per_shard[i][n].items())
                 write_score_file(score_path(out, n, names[i]), info, names[i], schema, rows, skipped[i],
-                                 Counter({"decode": skipped[i]}) if skipped[i] else Counter(), writer="ray")
+                                 reasons[i], writer="ray")
             report.shards_scored += 1
             report.samples += len(per_shard[i][next(iter(infos))])
             report.skipped += skipped[i]
+            report.skip_reasons.update(reasons[i])
     return report
