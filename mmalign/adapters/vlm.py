@@ -401,7 +401,7 @@ class VLMAdapter:
 
         Only the positions from the shortest prompt's last token on are projected to the vocabulary
         (`logits_to_keep`): the image and prompt positions before it predict no scored token, and (B, L, V)
-        logits over every image token are a large share of a step's memory (on the toy VLM, 19% of its time).
+        logits over every image token are a large share of a step's memory (and 19% of a toy forward + backward).
         """
         ids = inputs.model_inputs["input_ids"]
         start = max(min(inputs.prompt_lengths) - 1, 0)
