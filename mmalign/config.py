@@ -10,7 +10,8 @@ from __future__ import annotations
 import copy
 import os
 import re
-import tempfile
+import secrets
+import stat
 from pathlib import Path
 from typing import Any, Iterable, TypeVar
 
@@ -133,18 +134,33 @@ def config_to_yaml(cfg: BaseModel) -> str:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write via a temporary file in the same folder, then rename: a reader never sees half a file."""
+    """Write via a temporary file in the same folder, then rename: a reader never sees half a file.
+
+    The file gets the mode a plain `open(path, "w")` would give it: an existing file's mode is kept, a new file
+    gets 0o666 minus the umask (0o644 typically). The temporary file is created with `os.open(..., 0o666)`, so the
+    kernel applies the umask, not `tempfile.mkstemp`'s private 0o600.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise FileExistsError(f"{path.parent}: could not create a unique temporary file for {path.name}")
     try:
         with os.fdopen(fd, "w") as fh:
+            if path.exists():
+                os.fchmod(fh.fileno(), stat.S_IMODE(path.stat().st_mode))
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 

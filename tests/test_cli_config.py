@@ -129,3 +129,37 @@ def test_cache_only_names_missing_shards_and_refuses_several_processes(tmp_path,
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["train", str(path), "--cache-only"]) == 2
     assert "run it in one process" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_atomic_write_gives_the_mode_a_plain_open_gives(tmp_path, umask):
+    import os
+    import stat
+
+    from mmalign.config import atomic_write_text
+
+    old = os.umask(umask)
+    try:
+        atomic_write_text(tmp_path / "atomic.json", "{}\n")
+        with open(tmp_path / "plain.json", "w") as fh:
+            fh.write("{}\n")
+        written = write_resolved_config(TrainConfig.model_validate(MINIMAL), tmp_path / "run")
+    finally:
+        os.umask(old)
+    mode = stat.S_IMODE((tmp_path / "atomic.json").stat().st_mode)
+    assert mode == stat.S_IMODE((tmp_path / "plain.json").stat().st_mode) == 0o666 & ~umask
+    assert stat.S_IMODE(written.stat().st_mode) == 0o666 & ~umask
+    assert (tmp_path / "atomic.json").read_text() == "{}\n"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left
+
+
+def test_atomic_write_keeps_an_existing_files_mode(tmp_path):
+    import stat
+
+    from mmalign.config import atomic_write_text
+
+    path = tmp_path / "shared.yaml"
+    path.write_text("old\n")
+    path.chmod(0o640)
+    atomic_write_text(path, "new\n")
+    assert path.read_text() == "new\n" and stat.S_IMODE(path.stat().st_mode) == 0o640

@@ -78,12 +78,6 @@ def _sha256(path: Path) -> str:
     return sha.hexdigest()
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 class ShardSetWriter:
     """Write samples of one schema into `out_dir` as `shard-000000.tar`, ... plus `manifest.json`.
 
@@ -218,11 +212,9 @@ class ShardSetWriter:
                 "progress": self._progress}, sort_keys=True))
 
     def _write_text(self, name: str, text: str) -> None:
-        """Atomic write with the folder's usual file mode (the temporary file is created private)."""
         from mmalign.config import atomic_write_text
 
         atomic_write_text(self.out_dir / name, text)
-        os.chmod(self.out_dir / name, 0o666 & ~_umask())
 
     def write(self, sample: dict[str, Any], progress: Any = None) -> None:
         """Write one sample: `{"__key__": key, suffix: bytes, ...}` as made by `pair_sample` and friends.
