@@ -126,6 +126,37 @@ def test_the_generic_loop_trains_a_registered_task_and_saves_it(registered, tmp_
     assert yaml.safe_load((Path(result.run_dir) / "config.yaml").read_text())["task"] == "toy_regression"
 
 
+def test_step_time_and_data_wait_are_logged(registered, tmp_path, monkeypatch):
+    """time/data_wait is the time spent in the data iterator per optimizer step: a stream that sleeps 30 ms
+    before each micro-batch makes it at least 2 x 30 ms with 2 micro-batches per step (a lower bound, which a
+    loaded machine cannot break), within time/step; JSONL and TensorBoard both have it."""
+    import time
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def slow(batches):
+        def wrapped(self, rank, world_size, skip):
+            for batch in batches(self, rank, world_size, skip):
+                time.sleep(0.03)
+                yield batch
+        return wrapped
+
+    monkeypatch.setattr(RegressionTask, "batches", slow(RegressionTask.batches))
+    result = train(cfg_for(tmp_path, "train.max_steps=4", "train.gradient_accumulation_steps=2",
+                           "train.log_every=2"))
+    rows = read_metrics(result.run_dir)
+    assert [r["step"] for r in rows] == [2, 4]
+    for r in rows:
+        assert r["time/data_wait"] >= 0.06
+        assert r["time/step"] >= r["time/data_wait"]
+        assert r["time/data_wait_fraction"] == pytest.approx(r["time/data_wait"] / r["time/step"], rel=1e-9)
+        assert 0 < r["time/data_wait_fraction"] <= 1
+    events = EventAccumulator(str(Path(result.run_dir) / "tb"))
+    events.Reload()
+    assert {"time/step", "time/data_wait", "time/data_wait_fraction"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("time/data_wait")] == [2, 4]
+
+
 def test_the_generic_loop_resumes_bit_exactly(registered, tmp_path):
     common = ["train.max_steps=8", "train.checkpoint_every=3", "train.gradient_accumulation_steps=2"]
     straight = train(cfg_for(tmp_path / "a", *common))

@@ -158,6 +158,48 @@ def test_changed_encoder_weights_or_shards_make_the_cache_stale(data, tmp_path):
         T2ITask(cfg_for(data, "t2", "data.cache=true", f"data.shards={pairs}")).check_inputs()
 
 
+def test_cache_only_never_loads_the_unet(data, tmp_path):
+    """--cache-only needs the encoders only: a pipeline copy without its unet/ folder builds the same cache."""
+    from mmalign.adapters.t2i import load_t2i_components
+
+    no_unet = tmp_path / "sd15"
+    shutil.copytree(data / "sd15", no_unet, ignore=shutil.ignore_patterns("unet"))
+    comps = load_t2i_components(str(no_unet), load_unet=False)
+    assert comps.unet is None and comps.vae is not None
+    with pytest.raises(ValueError, match="load_unet=False"):
+        T2IAdapter(comps, reference="frozen_copy")
+    pairs = tmp_path / "pairs"
+    shutil.copytree(data / "pairs", pairs, ignore=shutil.ignore_patterns("cache"))
+    # The pipeline path is part of the producer, so compare with a cache of the full pipeline at the same path.
+    cfg = cfg_for(data, "unused", f"data.shards={pairs}", f"model.pretrained={no_unet}")
+    built = build_cache(cfg, device="cpu", progress=False)
+    [info] = list_caches(pairs)
+    assert info.dir == built and info.producer == T2ITask(cfg).producer
+    [reference] = list_caches(data / "pairs")
+    for shard in sorted(p.name for p in reference.dir.glob("shard-*.tar")):
+        assert (built / shard).read_bytes() == (reference.dir / shard).read_bytes()
+
+
+def test_a_cache_folder_away_from_the_shards(data, tmp_path):
+    """data.cache=DIR: --cache-only writes the cache into DIR, nothing next to the shards, and training reads it."""
+    pairs = tmp_path / "pairs"
+    shutil.copytree(data / "pairs", pairs, ignore=shutil.ignore_patterns("cache"))
+    root = tmp_path / "caches"
+    args = [f"data.shards={pairs}", f"data.cache={root}", "train.max_steps=2"]
+    assert main(["train", str(TINY / "t2i_dpo.yaml"), "--cache-only", *overrides(data, "unused", *args)]) == 0
+    assert list_caches(pairs) == [] and not (pairs / "cache").exists()
+    [info] = list_caches(pairs, root)
+    assert info.dir.parent == root and info.producer == T2ITask(cfg_for(data, "unused", *args)).producer
+    away = train(cfg_for(data, "away", *args))
+    beside = train(cfg_for(data, "beside", "train.max_steps=2", "data.cache=true"))  # the fixture's cache
+    assert away.keys_seen == beside.keys_seen
+    assert [r["loss"] for r in read_metrics(data / "away")] == [r["loss"] for r in read_metrics(data / "beside")]
+    with pytest.raises(StaleCacheError, match=f"{pairs}: no complete 't2i' cache"):
+        T2ITask(cfg_for(data, "u2", f"data.shards={pairs}", "data.cache=true")).check_inputs()
+    with pytest.raises(StaleCacheError, match=f"caches in {tmp_path / 'elsewhere'}"):
+        T2ITask(cfg_for(data, "u3", f"data.shards={pairs}", f"data.cache={tmp_path / 'elsewhere'}")).check_inputs()
+
+
 def test_cache_needs_one_encoding_per_image():
     from mmalign.config import ConfigError
 

@@ -69,7 +69,7 @@ class T2IComponents:
     """The separately trained/swapped parts of an SD-style pipeline, each its own object."""
 
     pretrained: str
-    unet: torch.nn.Module
+    unet: Optional[torch.nn.Module]  # None when loaded with load_unet=False (encoding only, e.g. the cache)
     vae: Optional[torch.nn.Module]  # None: a pixel-space pipeline (the toy world's); images are the latents
     noise_scheduler: object  # DDPMScheduler built from the pipeline's scheduler config (training noise)
     text_encoders: list
@@ -82,12 +82,15 @@ class T2IComponents:
 
 
 def load_t2i_components(pretrained: str, *, revision: str | None = None, variant: str | None = None,
-                        unet_path: str | None = None) -> T2IComponents:
+                        unet_path: str | None = None, load_unet: bool = True) -> T2IComponents:
     """Load UNet, VAE, text encoder(s), tokenizer(s) and the training noise scheduler with `from_pretrained`.
 
     SD 1.x/2.x pipelines have one text encoder; SDXL (`text_encoder_2` in model_index.json) has two. A pipeline
     without a `vae` entry (the toy world's `ToyT2IPipeline`) is pixel space: its UNet denoises RGB images.
     `unet_path` replaces the pipeline's UNet (a folder with config.json + weights), e.g. a previous run's output.
+    `load_unet=False` skips the UNet (`components.unet` is None): what encoding images and captions needs, e.g.
+    building the latent cache, without reading the largest part of the pipeline. The UNet's checks against the VAE
+    (in_channels) and SDXL (addition_embed_type) are then skipped too; training loads it and runs them.
     """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
@@ -96,11 +99,12 @@ def load_t2i_components(pretrained: str, *, revision: str | None = None, variant
     is_sdxl = "text_encoder_2" in index
     kw = dict(revision=revision)
     try:
-        if unet_path is not None:
+        unet = None
+        if load_unet and unet_path is not None:
             if not (Path(unet_path) / "config.json").is_file():
                 raise ModelLoadError(f"model.unet {unet_path}: not a UNet folder (no config.json)")
             unet = UNet2DConditionModel.from_pretrained(unet_path)
-        else:
+        elif load_unet:
             unet = UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", variant=variant, **kw)
         vae = None
         if (index.get("vae") or [None])[0] is not None:
@@ -122,11 +126,11 @@ def load_t2i_components(pretrained: str, *, revision: str | None = None, variant
             raise ModelLoadError(f"{pretrained}: tokenizer{'_2' if i else ''} has only {len(tok)} tokens; the "
                                  "tokenizer files are missing or could not be loaded")
     channels = vae.config.latent_channels if vae is not None else 3
-    if unet.config.in_channels != channels:
+    if unet is not None and unet.config.in_channels != channels:
         raise ModelLoadError(f"{pretrained}: UNet in_channels {unet.config.in_channels} != "
                              + (f"VAE latent_channels {channels}" if vae is not None else
                                 "3 (no VAE in model_index.json, so the UNet must denoise RGB pixels)"))
-    if is_sdxl and unet.config.addition_embed_type != "text_time":
+    if is_sdxl and unet is not None and unet.config.addition_embed_type != "text_time":
         raise ModelLoadError(f"{pretrained}: SDXL pipeline but the UNet has addition_embed_type "
                              f"{unet.config.addition_embed_type!r} (expected 'text_time')")
     for module in [vae, *text_encoders]:
@@ -148,6 +152,9 @@ class T2IAdapter:
                  reference_dtype: torch.dtype | None = None, offload_reference: bool = False):
         if reference not in ("frozen_copy", "disabled_adapters", None):
             raise ValueError(f"reference must be 'frozen_copy', 'disabled_adapters' or None, got {reference!r}")
+        if reference is not None and components.unet is None:
+            raise ValueError(f"{components.pretrained}: reference {reference!r} needs the UNet; the components were "
+                             "loaded with load_unet=False")
         self.c = components
         self.reference = reference
         self.offload_reference = offload_reference

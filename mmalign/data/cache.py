@@ -7,6 +7,10 @@ asking for latents at 1024 px never sees latents made at 512 px, and a cache com
 rewritten is refused. Readers join a cache to the data shard by shard and by key; nothing is ever unpickled
 (`.npy` with `allow_pickle=False`, or safetensors).
 
+`root=DIR` (every function here, and the readers' `cache_root`) keeps the caches in `DIR/<name>-<cache_key>/`
+instead of `<shards>/cache/`: for shards on read-only or slow storage. The sha256 of the data shards is checked all
+the same, so a root shared by two shard sets never serves one set's cache to the other (it is reported stale).
+
     producer = {"model": "stabilityai/sdxl-vae", "revision": "main", "resolution": 1024, "crop": "center"}
     with CacheWriter("shards/", "latents", producer) as cw:
         for batch in loader:                      # a reader over the same shards, any order, any workers
@@ -49,8 +53,13 @@ def cache_key(**producer: Any) -> str:
     return hashlib.sha256(_canonical(producer).encode()).hexdigest()[:16]
 
 
-def cache_dir(shards: str | os.PathLike, name: str, key: str) -> Path:
-    return Path(shards) / CACHE_DIR / f"{name}-{key}"
+def cache_root(shards: str | os.PathLike, root: str | os.PathLike | None = None) -> Path:
+    """Where a shard set's caches live: `root` if given, else `<shards>/cache`."""
+    return Path(root) if root is not None else Path(shards) / CACHE_DIR
+
+
+def cache_dir(shards: str | os.PathLike, name: str, key: str, root: str | os.PathLike | None = None) -> Path:
+    return cache_root(shards, root) / f"{name}-{key}"
 
 
 def _to_numpy(value: Any):
@@ -71,11 +80,12 @@ class CacheWriter:
     `add(shard, key, value)` accepts samples in any order (e.g. from several DataLoader workers); a shard's tar
     is written (sorted by key, atomically) once it holds as many entries as the manifest says the shard has.
     `close()` writes `cache.json` only if every shard is complete, so a partial cache is never used. `value` is
-    an array / tensor, or a dict of them (e.g. {"mean": ..., "std": ...}).
+    an array / tensor, or a dict of them (e.g. {"mean": ..., "std": ...}). `root`: see the module docstring.
     """
 
     def __init__(self, shards: str | os.PathLike, name: str, producer: dict[str, Any], *,
-                 storage: Literal["npy", "safetensors"] = "npy", overwrite: bool = False):
+                 storage: Literal["npy", "safetensors"] = "npy", overwrite: bool = False,
+                 root: str | os.PathLike | None = None):
         self.root = Path(shards)
         self.manifest: Manifest = load_manifest(self.root)
         if sanitize_key(name) != name or "-" in name:
@@ -84,7 +94,7 @@ class CacheWriter:
             raise ValueError(f"storage must be 'npy' or 'safetensors', got {storage!r}")
         self.name, self.producer, self.storage = name, dict(producer), storage
         self.key = cache_key(**producer)
-        self.dir = cache_dir(self.root, name, self.key)
+        self.dir = cache_dir(self.root, name, self.key, root)
         if (self.dir / CACHE_MANIFEST).exists() and not overwrite:
             raise FileExistsError(f"{self.dir}: this cache already exists; pass overwrite=True to rebuild it")
         if self.dir.exists():
@@ -182,9 +192,9 @@ class CacheInfo:
     parent_shards: dict[str, str]
 
 
-def list_caches(shards: str | os.PathLike) -> list[CacheInfo]:
-    """Complete caches (with `cache.json`) of a shard set."""
-    base = Path(shards) / CACHE_DIR
+def list_caches(shards: str | os.PathLike, root: str | os.PathLike | None = None) -> list[CacheInfo]:
+    """Complete caches (with `cache.json`) of a shard set, in `<shards>/cache/` or in `root`."""
+    base = cache_root(shards, root)
     out = []
     if not base.is_dir():
         return out
@@ -207,18 +217,20 @@ def _diff(a: dict, b: dict) -> str:
 
 
 def open_cache(shards: str | os.PathLike, name: str, producer: dict[str, Any] | str,
-               manifest: Manifest | None = None) -> CacheInfo:
-    """Find the cache `name` made by `producer` (its fields, or its cache key) and check it is current."""
+               manifest: Manifest | None = None, root: str | os.PathLike | None = None) -> CacheInfo:
+    """Find the cache `name` made by `producer` (its fields, or its cache key) in `<shards>/cache/` (or `root`)
+    and check it is current."""
     manifest = manifest or load_manifest(shards)
     key = producer if isinstance(producer, str) else cache_key(**producer)
-    found = [c for c in list_caches(shards) if c.name == name]
+    found = [c for c in list_caches(shards, root) if c.name == name]
     match = [c for c in found if c.key == key]
     if not match:
         if found and isinstance(producer, dict):
             others = "; ".join(f"{c.dir.name} ({_diff(producer, c.producer)})" for c in found)
         else:
             others = ", ".join(c.dir.name for c in found) or "none"
-        raise StaleCacheError(f"{shards}: no complete {name!r} cache for producer key {key}; available {name!r} "
+        where = f"{shards}" if root is None else f"{shards} (caches in {root})"
+        raise StaleCacheError(f"{where}: no complete {name!r} cache for producer key {key}; available {name!r} "
                               f"caches: {others}. Build it with CacheWriter, or ask for a producer that exists")
     info = match[0]
     current = {s.name: s.sha256 for s in manifest.shards}
@@ -278,5 +290,5 @@ def join_cache(samples: Iterator[dict[str, Any]], cache_samples: Iterator[dict[s
         yield sample
 
 
-__all__ = ["CacheInfo", "CacheWriter", "StaleCacheError", "cache_key", "decode_cache_entry", "list_caches",
-           "open_cache"]
+__all__ = ["CacheInfo", "CacheWriter", "StaleCacheError", "cache_key", "cache_root", "decode_cache_entry",
+           "list_caches", "open_cache"]

@@ -118,6 +118,7 @@ class ShardDataset(IterableDataset):
         rank, world_size: override torch.distributed / RANK, WORLD_SIZE (tests, custom launchers).
         strict: raise CorruptSampleError on a bad sample instead of skipping it.
         caches: {cache name: producer dict or cache key}; adds `sample["cache"][name]` (see cache.py).
+        cache_root: the folder holding the caches, if not `<shards>/cache` (see cache.py).
         allow_pipe, allow_network: permit `pipe:` and network URLs (refused by default).
     """
 
@@ -127,7 +128,7 @@ class ShardDataset(IterableDataset):
                  resample: bool = False, epoch_length: int | None = None,
                  split: Literal["auto", "shard", "sample"] = "auto", rank: int | None = None,
                  world_size: int | None = None, strict: bool = False, caches: dict[str, Any] | None = None,
-                 allow_pipe: bool = False, allow_network: bool = False):
+                 cache_root: str | os.PathLike | None = None, allow_pipe: bool = False, allow_network: bool = False):
         super().__init__()
         self.source: ShardSource = open_source(source, schema=self.schema, allow_pipe=allow_pipe,
                                                allow_network=allow_network)
@@ -147,7 +148,7 @@ class ShardDataset(IterableDataset):
         for name, producer in (caches or {}).items():
             if self.source.root is None:
                 raise ValueError("caches need a local shard-set folder with a manifest")
-            self.caches.append(open_cache(self.source.root, name, producer, self.source.manifest))
+            self.caches.append(open_cache(self.source.root, name, producer, self.source.manifest, cache_root))
         self.epoch = 0
         self._resume: dict[str, Any] | None = None
         # One row per DataLoader worker in shared memory: workers (forked or spawned) count into it, so the

@@ -40,16 +40,36 @@ def save_checkpoint(run_dir: str | Path, step: int, write: Callable[[Path], None
                     total_limit: int | None = None) -> Path:
     """`write(tmp_dir)` fills a temporary folder; then the trainer state is written and the folder renamed.
 
-    Older checkpoints beyond `total_limit` are pruned only after the new one is complete.
+    Older checkpoints beyond `total_limit` are pruned only after the new one is complete. One process; the
+    trainer's multi-process save is `temporary_dir` + every process writing + `commit_checkpoint`.
     """
-    root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-
-    def fill(tmp: Path) -> None:
+    tmp = temporary_dir(run_dir, step)
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
         write(tmp)
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return commit_checkpoint(run_dir, step, tmp, state, total_limit)
 
-    final = atomic_dir(root / f"step-{step}", fill)
+
+def temporary_dir(run_dir: str | Path, step: int) -> Path:
+    """Where checkpoint `step` is written before it is complete (never listed by `list_checkpoints`)."""
+    return Path(run_dir) / "checkpoints" / f".tmp-step-{step}"
+
+
+def commit_checkpoint(run_dir: str | Path, step: int, tmp: Path, state: dict, total_limit: int | None = None
+                      ) -> Path:
+    """Complete a filled temporary folder: write the trainer state, rename it to `step-N`, prune old ones."""
+    final = Path(run_dir) / "checkpoints" / f"step-{step}"
+    try:
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if total_limit is not None:
         for old in list_checkpoints(run_dir)[:-total_limit]:
             shutil.rmtree(old, ignore_errors=True)

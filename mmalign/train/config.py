@@ -11,9 +11,9 @@ were the first, and existing code imports them from here. New tasks keep their c
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from mmalign.config import StrictModel
 
@@ -106,15 +106,35 @@ class DataConfig(StrictModel):
     num_workers: int = Field(0, ge=0)
     proportion_empty_prompts: float = Field(0.0, ge=0.0, le=1.0, description="Replace a caption with '' with "
                                                                             "this probability (keeps CFG working).")
-    cache: bool = Field(False, description="true = read VAE posteriors, text embeddings and SDXL size/crop from "
-                                          "the cache that `mmalign train CONFIG --cache-only` writes next to "
-                                          "the shards (`<shards>/cache/t2i-<key>/`, keyed by model, resolution "
-                                          "and crop: a missing or stale cache is an error); the VAE and text "
-                                          "encoders then stay off the accelerator. Needs center_crop true and "
-                                          "random_flip false (one encoding per image). false = encode every step.")
+    cache: Union[bool, str] = Field(
+        False, description="true = read VAE posteriors, text embeddings and SDXL size/crop from the cache that "
+                           "`mmalign train CONFIG --cache-only` writes next to the shards "
+                           "(`<shards>/cache/t2i-<key>/`, keyed by model, resolution and crop: a missing or stale "
+                           "cache is an error); the VAE and "
+                           "text encoders then stay off the accelerator. A folder path = the same, with the caches "
+                           "in that folder (`DIR/t2i-<key>/`) instead of next to the shards (shards on read-only or "
+                           "slow storage); `--cache-only` then writes there. Needs center_crop true and random_flip "
+                           "false (one encoding per image). false = encode every step.")
     strict: bool = Field(False, description="Raise on a corrupt sample instead of skipping and counting it.")
 
     model_config = StrictModel.model_config | {"populate_by_name": True}
+
+    @field_validator("cache")
+    @classmethod
+    def _cache_folder(cls, value: bool | str) -> bool | str:
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("an empty string is not a folder: use true (next to the shards), false, or a path")
+        return value
+
+    @property
+    def use_cache(self) -> bool:
+        """Training reads the cache instead of encoding (data.cache true or a folder)."""
+        return self.cache is not False
+
+    @property
+    def cache_root(self) -> Optional[str]:
+        """The folder holding the caches when data.cache names one; None = `<shards>/cache`."""
+        return self.cache if isinstance(self.cache, str) else None
 
 
 class OptimConfig(StrictModel):
@@ -189,7 +209,7 @@ class T2ITrainConfig(BaseTrainConfig):
             raise ValueError("method.name 'rankdpo' needs data.schema 'ranked'")
         if self.method.name != "rankdpo" and self.data.schema_name == "ranked":
             raise ValueError(f"data.schema 'ranked' is only used by method 'rankdpo', not {self.method.name!r}")
-        if self.data.cache and (not self.data.center_crop or self.data.random_flip):
+        if self.data.use_cache and (not self.data.center_crop or self.data.random_flip):
             raise ValueError("data.cache true holds one encoding per image: set data.center_crop true and "
                              "data.random_flip false, or data.cache false for random crops and flips")
         return self

@@ -7,9 +7,10 @@ them to a pure loss from `mmalign.losses`. The loop around it is `mmalign.train.
 The latent + text-embedding cache (`mmalign train CONFIG --cache-only`, then `data.cache=true`): every image's
 VAE posterior parameters (mean and log-variance, so a latent drawn from the cache equals one drawn from a fresh
 encode with the same generator), the caption's text embeddings (SDXL: and the pooled embedding) and the winner's
-original size and crop (SDXL time_ids), written with `mmalign.data.cache` next to the shards and keyed by the
-encoders (model id, revision, variant, a hash of the local encoder files, dtype), the resolution and the crop.
-Training from it never runs the VAE or the text encoders and keeps them off the accelerator.
+original size and crop (SDXL time_ids), written with `mmalign.data.cache` next to the shards (or in the folder
+`data.cache` names) and keyed by the encoders (model id, revision, variant, a hash of the local encoder files,
+dtype), the resolution and the crop. Training from it never runs the VAE or the text encoders and keeps them off
+the accelerator; building it never loads the UNet.
 """
 
 from __future__ import annotations
@@ -201,13 +202,14 @@ def usable_groups(cfg: T2ITrainConfig) -> int | None:
 
 
 def build_dataset(cfg: T2ITrainConfig, rank: int, world_size: int, producer: dict | None = None):
-    """The reader and collator for training; with `producer` (the cache's), cached entries replace images."""
+    """The reader and collator for training; with `producer` (the cache's, in `data.cache`'s folder if it names
+    one), cached entries replace images."""
     from mmalign.data.collate import collate_pairs, collate_ranked
     from mmalign.data.dataset import PairDataset, RankedDataset
 
     d = cfg.data
     if producer is not None:
-        images = dict(decode_images=False, caches={CACHE_NAME: producer})
+        images = dict(decode_images=False, caches={CACHE_NAME: producer}, cache_root=d.cache_root)
     else:
         images = dict(transforms={"resolution": d.resolution, "crop": "center" if d.center_crop else "random",
                                   "random_flip": d.random_flip})
@@ -266,14 +268,14 @@ def build_cache(cfg: T2ITrainConfig, device: torch.device | str | None = None, p
     else:
         dataset, collate = PairDataset(d.shards, ties="keep", **common), collate_pairs
     loader = DataLoader(dataset, batch_size=cfg.train.batch_size, collate_fn=collate, num_workers=d.num_workers)
-    m = cfg.model  # the model loads only once the shards opened
-    comps = load_t2i_components(m.pretrained, revision=m.revision, variant=m.variant)
+    m = cfg.model  # the encoders load only once the shards opened; the UNet is not needed at all
+    comps = load_t2i_components(m.pretrained, revision=m.revision, variant=m.variant, load_unet=False)
     if comps.is_sdxl and d.resolution % 16:
         raise TrainingError(f"data.resolution {d.resolution} is not a multiple of 16, which SDXL needs")
     for module in [x for x in (comps.vae, *comps.text_encoders) if x is not None]:
         module.to(device, dtype=encoder_dtype(cfg))
     adapter = T2IAdapter(comps, reference=None)
-    writer = CacheWriter(d.shards, CACHE_NAME, cache_producer(cfg), overwrite=True)
+    writer = CacheWriter(d.shards, CACHE_NAME, cache_producer(cfg), overwrite=True, root=d.cache_root)
     bar = tqdm(total=len(dataset), desc="cache", disable=not progress)
     for batch in loader:
         pixels = batch["pixel_values"]
@@ -308,16 +310,33 @@ def build_cache(cfg: T2ITrainConfig, device: torch.device | str | None = None, p
 
 
 # -- final outputs and validation -----------------------------------------------------------------------------------
-def save_final_model(cfg: T2ITrainConfig, adapter: T2IAdapter, unet, ema, run_dir: Path) -> dict[str, str]:
+def save_final_model(cfg: T2ITrainConfig, adapter: T2IAdapter, unet, ema, run_dir: Path,
+                     state_dict: dict | None = None) -> dict[str, str]:
     """Full fine-tune: `unet/` in diffusers format (with EMA: the EMA weights, and `unet_non_ema/`). LoRA: `lora/`
-    in the format `pipeline.load_lora_weights(folder)` reads."""
+    in the format `pipeline.load_lora_weights(folder)` reads.
+
+    `state_dict`: the full weights of a UNet trained sharded (FSDP), gathered by the loop; `unet` then holds only
+    this process's shards and cannot be saved itself, so the weights go into a plain UNet of the same config.
+    """
+    if state_dict is not None:
+        if ema is not None:
+            raise TrainingError("train.ema with sharded weights (FSDP) is not supported: the EMA keeps whole "
+                                "copies of sharded parameters; train without EMA or with DDP")
+        if cfg.model.lora is None:
+            from diffusers import UNet2DConditionModel
+
+            with torch.device("meta"):
+                plain = UNet2DConditionModel.from_config(unet.config)
+            plain.load_state_dict(state_dict, assign=True)
+            atomic_dir(run_dir / "unet", lambda d: plain.save_pretrained(str(d)))
+            return {"unet": str(run_dir / "unet")}
     if cfg.model.lora is not None:
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
         from peft.utils import get_peft_model_state_dict
 
         # PEFT-format keys, not `convert_state_dict_to_diffusers`: that converts only attention projections, and
         # a mix of old-format attention keys with PEFT-format conv keys loads the attention LoRA wrongly.
-        layers = get_peft_model_state_dict(unet)
+        layers = get_peft_model_state_dict(unet, state_dict=state_dict)
         layers = {k: v.detach().float().cpu().contiguous() for k, v in layers.items()}
         pipe_cls = StableDiffusionXLPipeline if adapter.c.is_sdxl else StableDiffusionPipeline
         atomic_dir(run_dir / "lora", lambda d: pipe_cls.save_lora_weights(str(d), unet_lora_layers=layers))
@@ -415,18 +434,18 @@ class T2ITask(Task):
             raise DataError(f"data.shards {cfg.data.shards}: no usable batch: the manifest lists {usable} usable "
                             f"{what}, fewer than train.batch_size {cfg.train.batch_size}"
                             + (" (method.ties drop removes tied pairs)" if cfg.data.schema_name == "pair" else ""))
-        if cfg.data.cache:
+        if cfg.data.use_cache:
             from mmalign.data.cache import StaleCacheError, open_cache
 
             try:
-                open_cache(cfg.data.shards, CACHE_NAME, self.producer)
+                open_cache(cfg.data.shards, CACHE_NAME, self.producer, root=cfg.data.cache_root)
             except StaleCacheError as err:
-                raise StaleCacheError(f"data.cache true: {err}. Build the cache for this config with `mmalign "
-                                      "train CONFIG --cache-only` (same overrides)") from None
+                raise StaleCacheError(f"data.cache {cfg.data.cache}: {err}. Build the cache for this config with "
+                                      "`mmalign train CONFIG --cache-only` (same overrides)") from None
 
     def build(self, device) -> Built:
         cfg = self.cfg
-        self.adapter = build_adapter(cfg, device, encoders_on_device=not cfg.data.cache)
+        self.adapter = build_adapter(cfg, device, encoders_on_device=not cfg.data.use_cache)
         unet = self.adapter.c.unet
         stateful = []
         if cfg.train.ema:
@@ -436,12 +455,13 @@ class T2ITask(Task):
             self.ema.to(device)
             stateful.append(self.ema)
         if cfg.data.proportion_empty_prompts > 0:
-            if cfg.data.cache:
+            if cfg.data.use_cache:
                 from safetensors.torch import load_file
 
                 from mmalign.data.cache import open_cache
 
-                saved = load_file(str(open_cache(cfg.data.shards, CACHE_NAME, self.producer).dir
+                saved = load_file(str(open_cache(cfg.data.shards, CACHE_NAME, self.producer,
+                                                 root=cfg.data.cache_root).dir
                                       / EMPTY_PROMPT_FILE))
                 self.empty_prompt = TextConditioning(saved["prompt_embeds"], saved.get("pooled"))
             else:
@@ -455,7 +475,7 @@ class T2ITask(Task):
         from mmalign.train.data import endless_batches
 
         cfg = self.cfg
-        dataset, collate = build_dataset(cfg, rank, world_size, self.producer if cfg.data.cache else None)
+        dataset, collate = build_dataset(cfg, rank, world_size, self.producer if cfg.data.use_cache else None)
         for batch in endless_batches(dataset, collate, cfg.train.batch_size, skip=skip,
                                      num_workers=cfg.data.num_workers, what=f"data.shards {cfg.data.shards}"):
             if self.empty_prompt is not None:
@@ -466,8 +486,8 @@ class T2ITask(Task):
         if self.ema is not None:
             self.ema.step(unwrapped.parameters())
 
-    def save_final(self, unwrapped, run_dir: Path) -> dict[str, str]:
-        return save_final_model(self.cfg, self.adapter, unwrapped, self.ema, run_dir)
+    def save_final(self, unwrapped, run_dir: Path, state_dict: dict | None = None) -> dict[str, str]:
+        return save_final_model(self.cfg, self.adapter, unwrapped, self.ema, run_dir, state_dict)
 
     @property
     def validation_every(self) -> int:
@@ -479,13 +499,13 @@ class T2ITask(Task):
         c = self.adapter.c
         encoders = [x for x in (c.vae, *c.text_encoders) if x is not None]
         device = next(unwrapped.parameters()).device
-        if self.cfg.data.cache:  # the encoders wait on the CPU while training from the cache
+        if self.cfg.data.use_cache:  # the encoders wait on the CPU while training from the cache
             for module in encoders:
                 module.to(device, dtype=encoder_dtype(self.cfg))
         try:
             return {"grid": run_validation(self.cfg, self.adapter, unwrapped, run_dir, step, logger)}
         finally:
-            if self.cfg.data.cache:
+            if self.cfg.data.use_cache:
                 for module in encoders:
                     module.to("cpu")
 

@@ -111,7 +111,13 @@ class Task:
 
     def save_final(self, unwrapped, run_dir: Path) -> dict[str, str]:
         """Write the trained model in its ecosystem's format, atomically (`checkpoint.atomic_dir`); return
-        {output name: path}. Main process only."""
+        {output name: path}. Main process only.
+
+        Sharded training (FSDP, DeepSpeed ZeRO-3): no process holds the whole model, so `unwrapped` cannot be
+        saved as it is. The loop gathers the full weights on every process and calls `save_final(unwrapped,
+        run_dir, state_dict=full)` on the main process; a task that supports sharded training declares a
+        `state_dict: dict | None = None` parameter and saves those weights (under the module's parameter names).
+        A task without it is refused before training starts when the weights are sharded."""
         raise NotImplementedError
 
     # -- optional --------------------------------------------------------------------------------------------------

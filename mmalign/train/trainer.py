@@ -15,6 +15,8 @@ Adding a task: see the module docstring of `mmalign.train.tasks` and docs/traini
 
 from __future__ import annotations
 
+import inspect
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,7 +144,17 @@ def train(cfg: BaseTrainConfig) -> TrainResult:
     if accelerator.state.deepspeed_plugin is not None:
         # The loop never hands a DataLoader to prepare(), where DeepSpeed would read its micro-batch size.
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
+    sharded = holds_sharded_weights(accelerator)
+    if sharded and "state_dict" not in inspect.signature(task.save_final).parameters:
+        raise TrainingError(f"task {cfg.task!r} cannot save a model trained with sharded weights "
+                            f"({accelerator.distributed_type}): its save_final takes no state_dict (see "
+                            "Task.save_final); train it with DDP (configs/accelerate/multi_gpu.yaml)")
+    if sharded and task.validation_every and accelerator.is_main_process:
+        accelerator.print("validation during training is skipped: the weights are sharded (FSDP / ZeRO-3); "
+                          "validate the saved model instead")
     module, optimizer = accelerator.prepare(module, optimizer)
+    # FSDP2 replaces the parameters with sharded ones (and the optimizer's with them): clip what is optimized now.
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     accelerator.register_for_checkpointing(lr_scheduler)
     for obj in built.stateful:
         accelerator.register_for_checkpointing(obj)
@@ -163,10 +175,17 @@ def train(cfg: BaseTrainConfig) -> TrainResult:
                     disable=not (cfg.train.progress and accelerator.is_local_main_process))
     last_metrics: dict[str, float] = {}
     window_samples, window_start = 0, time.perf_counter()
+    # Time per optimizer step (data wait + forward/backward + update; checkpoints and validation excluded) and the
+    # part of it spent waiting on the data iterator, summed over the logging window.
+    window_steps, window_step_s, window_wait_s, step_start = 0, 0.0, 0.0, 0.0
     micro_in_step = 0
     keys_seen: list[str] = []
     while state.global_step < cfg.train.max_steps:
+        wait_start = time.perf_counter()
+        if micro_in_step == 0:
+            step_start = wait_start
         batch = next(batches)
+        window_wait_s += time.perf_counter() - wait_start
         keys_seen.extend(batch.get("keys", []))
         state.micro_step += 1
         state.skipped_samples += int(batch.get("skipped", 0))
@@ -203,6 +222,8 @@ def train(cfg: BaseTrainConfig) -> TrainResult:
         state.global_step += 1
         if all_finite:
             task.after_optimizer_step(unwrapped)
+        window_steps += 1
+        window_step_s += time.perf_counter() - step_start
         progress.update(1)
         if state.global_step % cfg.train.log_every == 0 or state.global_step == cfg.train.max_steps:
             elapsed = time.perf_counter() - window_start
@@ -214,37 +235,70 @@ def train(cfg: BaseTrainConfig) -> TrainResult:
             if grad_norm is not None:
                 row["grad_norm"] = float(grad_norm)
             row["samples_per_s"] = window_samples / max(elapsed, 1e-9)
+            row["time/step"] = window_step_s / window_steps
+            row["time/data_wait"] = window_wait_s / window_steps
+            row["time/data_wait_fraction"] = window_wait_s / max(window_step_s, 1e-12)
             row["skipped_samples"] = state.skipped_samples
             row["nonfinite_steps"] = state.nonfinite_steps
             logger.log(state.global_step, row)
             last_metrics = row
             progress.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row.get('rewards/accuracies', float('nan')):.2f}")
             window_samples, window_start = 0, time.perf_counter()
+            window_steps, window_step_s, window_wait_s = 0, 0.0, 0.0
         every = cfg.train.checkpoint_every
         if every and state.global_step % every == 0 and state.global_step < cfg.train.max_steps:
             save_training_checkpoint(cfg, accelerator, run_dir, state)
         vevery = task.validation_every
         if vevery and state.global_step % vevery == 0 and state.global_step < cfg.train.max_steps \
-                and accelerator.is_main_process:
+                and accelerator.is_main_process and not sharded:
             task.validate(unwrapped, run_dir, state.global_step, logger)
     progress.close()
     save_training_checkpoint(cfg, accelerator, run_dir, state)
     outputs: dict[str, str] = {}
     accelerator.wait_for_everyone()
+    # Sharded weights (FSDP, ZeRO-3) are gathered by every process; the main process gets the full state dict.
+    full = {"state_dict": accelerator.get_state_dict(module)} if sharded else {}
     if accelerator.is_main_process:
-        outputs.update(task.save_final(unwrapped, run_dir))
-        outputs.update(task.validate(unwrapped, run_dir, state.global_step, logger) or {})
+        outputs.update(task.save_final(unwrapped, run_dir, **full))
+        if not sharded:  # a forward pass through sharded weights on one process would wait for the others
+            outputs.update(task.validate(unwrapped, run_dir, state.global_step, logger) or {})
     logger.close()
     accelerator.wait_for_everyone()
     return TrainResult(state.global_step, last_metrics, str(run_dir), outputs, state.skipped_samples,
                        state.nonfinite_steps, unwrapped, keys_seen)
 
 
+def holds_sharded_weights(accelerator) -> bool:
+    """True when no process holds the whole model (FSDP, DeepSpeed ZeRO-3): saving it takes every process."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return True
+    plugin = accelerator.state.deepspeed_plugin
+    return accelerator.distributed_type == DistributedType.DEEPSPEED and plugin is not None \
+        and plugin.zero_stage == 3
+
+
 def save_training_checkpoint(cfg: BaseTrainConfig, accelerator, run_dir: Path, state: TrainState) -> None:
+    """Every process calls `accelerator.save_state` into one temporary folder (FSDP and DeepSpeed save
+    collectively, each process writing its shard; each process writes its own RNG state); the main process then
+    completes it and renames it (`checkpoint.commit_checkpoint`), so a crash mid-save never leaves a checkpoint
+    that looks whole."""
+    tmp = ckpt.temporary_dir(run_dir, state.global_step)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        ckpt.save_checkpoint(run_dir, state.global_step, lambda tmp: accelerator.save_state(str(tmp)),
-                             state.__dict__.copy(), cfg.train.checkpoints_total_limit)
+        shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted save
+    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(tmp))
+    except BaseException:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        ckpt.commit_checkpoint(run_dir, state.global_step, tmp, state.__dict__.copy(),
+                               cfg.train.checkpoints_total_limit)
     accelerator.wait_for_everyone()
 
 
