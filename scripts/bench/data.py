@@ -25,10 +25,13 @@ Last, a tiny-model training loop: the step time of the tiny Diffusion-DPO step i
 `scripts/bench/t2i_step.py` (naive variant: it consumes pixels; or given with `--step-s`), then the shard reader
 feeds a loop whose step lasts that long, twice: sleeping (a GPU step: the CPU is free for the workers) and keeping
 the CPU busy (a CPU-only machine, where the step competes with the workers); the time each step waited for its
-batch is reported.
+batch is reported. Then the real thing: `mmalign train` on the tiny Diffusion-DPO recipe (`configs/tiny/t2i_dpo.yaml`,
+validation and checkpoints off) reading these 256-px JPEG shards with 2 DataLoader workers, and the recipe as
+shipped (its 32-px PNG toy pairs, read in the training process); the trainer logs `time/data_wait` and
+`time/data_wait_fraction` every step, and the bench reports them after `--warmup-steps` (worker start-up).
 
     python scripts/bench/data.py [--pairs 2000] [--workers 2] [--size 256] [--resolution 256] [--jpeg-draft]
-                                 [--pixels float|uint8] [--step-s S]
+                                 [--pixels float|uint8] [--step-s S] [--train-loop-only]
 """
 
 from __future__ import annotations
@@ -351,6 +354,47 @@ def data_wait(loader: DataLoader, step_s: float, steps: int, busy: bool) -> list
     return waits
 
 
+def trainer_data_wait(shards: Path | None, workers: int, steps: int, warmup: int, out: Path,
+                      resolution: int = 32, pairs: int = 4) -> dict[str, float]:
+    """`mmalign train configs/tiny/t2i_dpo.yaml` (validation and checkpoints off) for `steps` steps on `shards`
+    (None: the recipe's own toy pairs) with `workers` DataLoader workers; the trainer's own per-step
+    `time/data_wait` and `time/step`, summed over the steps after the first `warmup`."""
+    from mmalign.train.metrics import read_metrics
+    from mmalign.train.tasks import load_train_config
+    from mmalign.train.trainer import train
+
+    root = Path(__file__).resolve().parents[2]
+    overrides = [f"run.output_dir={out}", "run.overwrite=true", f"train.max_steps={steps}", "train.log_every=1",
+                 "train.checkpoint_every=0", "train.progress=false", "validation.prompts=[]",
+                 f"data.num_workers={workers}", f"data.resolution={resolution}", f"train.batch_size={pairs}"]
+    if shards is not None:
+        overrides.append(f"data.shards={shards}")
+    cfg = load_train_config(root / "configs" / "tiny" / "t2i_dpo.yaml", overrides)
+    cfg.model.pretrained = str(root / cfg.model.pretrained)
+    if shards is None:
+        cfg.data.shards = str(root / cfg.data.shards)
+    train(cfg)
+    rows = [r for r in read_metrics(out) if r["step"] > warmup]
+    wait, step = sum(r["time/data_wait"] for r in rows), sum(r["time/step"] for r in rows)
+    return {"steps": len(rows), "step_ms": 1000 * step / len(rows), "wait_ms": 1000 * wait / len(rows),
+            "max_wait_ms": 1000 * max(r["time/data_wait"] for r in rows), "fraction": wait / step,
+            "waited_10pct": sum(r["time/data_wait_fraction"] > 0.1 for r in rows)}
+
+
+def print_trainer_data_wait(args, shards: Path, work: Path) -> None:
+    print(f"\nmmalign train configs/tiny/t2i_dpo.yaml, {args.train_steps} steps ({args.step_pairs} pairs at "
+          f"{args.step_resolution} px per step), the trainer's time/data_wait after {args.warmup_steps} warm-up "
+          "steps:")
+    runs = ((f"{args.size}-px JPEG shards, {args.workers} workers", shards, args.workers),
+            ("the recipe's 32-px PNG toy pairs, no workers", None, 0))
+    for label, source, workers in runs:
+        r = trainer_data_wait(source, workers, args.train_steps, args.warmup_steps, work / "train-run",
+                              args.step_resolution, args.step_pairs)
+        print(f"  {label:44s} step {r['step_ms']:6.1f} ms, data wait mean {r['wait_ms']:5.2f} ms, max "
+              f"{r['max_wait_ms']:6.2f} ms: {r['fraction']:.2%} of step time; steps waiting over 10%: "
+              f"{r['waited_10pct']} of {r['steps']}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--pairs", type=int, default=2000)
@@ -370,6 +414,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--step-resolution", type=int, default=32, help="resolution the tiny model trains at")
     p.add_argument("--steps", type=int, default=30, help="steps of the simulated training loop")
     p.add_argument("--skip-train-loop", action="store_true")
+    p.add_argument("--train-steps", type=int, default=60, help="steps of each real tiny training run")
+    p.add_argument("--warmup-steps", type=int, default=5, help="first steps left out of the data-wait figures")
+    p.add_argument("--train-loop-only", action="store_true", help="only the real tiny training runs (after "
+                                                                   "writing the shards)")
     p.add_argument("--workdir", default=None, help="keep data here (default: a temporary folder)")
     args = p.parse_args(argv)
 
@@ -387,6 +435,9 @@ def main(argv: list[str] | None = None) -> int:
         man = convert_pickapic([parquet], shards, options=ConvertOptions(max_count=250, overwrite=True,
                                                                          progress=False))
         conv_s = time.perf_counter() - t0
+        if args.train_loop_only:
+            print_trainer_data_wait(args, shards, work)
+            return 0
         arrow = work / f"{parquet.stem}.arrow"
         t0 = time.perf_counter()
         write_arrow(parquet, arrow)
@@ -460,6 +511,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {len(waits)} steps, {kind}: wait for data mean {np.mean(waits) * 1000:.1f} ms, max "
                       f"{np.max(waits) * 1000:.1f} ms ({np.mean(waits) / step_s:.1%} of a step); steps that waited "
                       f"over 10% of a step: {sum(w > 0.1 * step_s for w in waits)}")
+            print_trainer_data_wait(args, shards, work)
         return 0
     finally:
         if not args.workdir:
