@@ -17,15 +17,17 @@ TOY_WORDS = ("a", "red", "green", "blue", "yellow", "circle", "square", "triangl
              "center", "right")
 
 
-def word_clip_tokenizer(words: Iterable[str] = TOY_WORDS, model_max_length: int = 16):
+def word_clip_tokenizer(words: Iterable[str] = TOY_WORDS, model_max_length: int = 16, special_last: bool = False):
     """A CLIP BPE tokenizer whose merges spell each word of `words` as one token.
 
     Every lowercase letter and digit is in the vocabulary on its own, so any other text still tokenizes (as
-    characters). Built in memory: no files, no network.
+    characters). Built in memory: no files, no network. `special_last=True` gives `<|startoftext|>` and
+    `<|endoftext|>` the two largest ids, as in the real CLIP vocabulary (open_clip pools the text at the argmax id).
     """
     from transformers import CLIPTokenizer
 
-    vocab: dict[str, int] = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    specials = ("<|startoftext|>", "<|endoftext|>")
+    vocab: dict[str, int] = {} if special_last else {t: i for i, t in enumerate(specials)}
     merges: list[tuple[str, str]] = []
 
     def add(token: str) -> None:
@@ -53,6 +55,8 @@ def word_clip_tokenizer(words: Iterable[str] = TOY_WORDS, model_max_length: int 
             merges.append((pieces[0], pieces[1]))
             pieces = [pieces[0] + pieces[1]] + pieces[2:]
             add(pieces[0])
+    for token in specials:
+        add(token)
     tok = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
     return tok
 

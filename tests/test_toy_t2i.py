@@ -20,12 +20,16 @@ REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "assets" / "toy" / "t2i"
 
 
-def test_every_toy_word_is_one_token():
-    tok = word_clip_tokenizer()
+@pytest.mark.parametrize("special_last", [False, True])
+def test_every_toy_word_is_one_token(special_last):
+    tok = word_clip_tokenizer(special_last=special_last)
     for word in TOY_WORDS:
         assert tok.tokenize(word) == [f"{word}</w>"], word
     ids = tok("a green triangle on the right").input_ids
     assert len(ids) == 8  # BOS + 6 words + EOS: fits the toy encoder's 8 positions without truncation
+    vocab = tok.get_vocab()
+    if special_last:  # the real CLIP layout the tiny reward models use: EOS has the largest id
+        assert vocab["<|endoftext|>"] == max(vocab.values())
 
 
 @pytest.fixture(scope="module")

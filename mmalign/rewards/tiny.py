@@ -15,34 +15,12 @@ from typing import Any
 
 import torch
 
-from mmalign.tiny import TOY_WORDS
+from mmalign.tiny import TOY_WORDS, word_clip_tokenizer
 
 
 def tiny_clip_tokenizer(words=TOY_WORDS, model_max_length: int = 16):
-    """A CLIP BPE tokenizer whose merges spell each toy word as one token, with `<|endoftext|>` the largest id (as
-    in the real CLIP vocabulary, where open_clip pools the text at the argmax token id)."""
-    from transformers import CLIPTokenizer
-
-    vocab: dict[str, int] = {}
-    merges: list[tuple[str, str]] = []
-
-    def add(token: str) -> None:
-        if token not in vocab:
-            vocab[token] = len(vocab)
-
-    for ch in "abcdefghijklmnopqrstuvwxyz0123456789.,!?'-":
-        add(ch)
-        add(ch + "</w>")
-    for word in words:
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(pieces) > 1:
-            if (pieces[0], pieces[1]) not in merges:
-                merges.append((pieces[0], pieces[1]))
-            pieces = [pieces[0] + pieces[1]] + pieces[2:]
-            add(pieces[0])
-    add("<|startoftext|>")
-    add("<|endoftext|>")
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+    """The toy-word CLIP tokenizer with `<|endoftext|>` the largest id (open_clip pools the text at the argmax id)."""
+    return word_clip_tokenizer(words, model_max_length=model_max_length, special_last=True)
 
 
 def tiny_open_clip_config(image_size: int = 32, patch_size: int = 8, width: int = 32, layers: int = 2,
