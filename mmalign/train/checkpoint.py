@@ -61,15 +61,8 @@ def temporary_dir(run_dir: str | Path, step: int) -> Path:
 def commit_checkpoint(run_dir: str | Path, step: int, tmp: Path, state: dict, total_limit: int | None = None
                       ) -> Path:
     """Complete a filled temporary folder: write the trainer state, rename it to `step-N`, prune old ones."""
-    final = Path(run_dir) / "checkpoints" / f"step-{step}"
-    try:
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    final = _replace_dir(tmp, Path(run_dir) / "checkpoints" / f"step-{step}",
+                         lambda t: (t / STATE_FILE).write_text(json.dumps(state, indent=1)))
     if total_limit is not None:
         for old in list_checkpoints(run_dir)[:-total_limit]:
             shutil.rmtree(old, ignore_errors=True)
@@ -85,8 +78,13 @@ def atomic_dir(final: str | Path, write: Callable[[Path], None]) -> Path:
     final = Path(final)
     tmp = final.with_name(f".tmp-{final.name}")
     shutil.rmtree(tmp, ignore_errors=True)
+    return _replace_dir(tmp, final, write)
+
+
+def _replace_dir(tmp: Path, final: Path, finish: Callable[[Path], object]) -> Path:
+    """`finish(tmp)`, then `tmp` replaces `final`; on any failure `tmp` is removed and `final` is left as it was."""
     try:
-        write(tmp)
+        finish(tmp)
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
