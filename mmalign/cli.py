@@ -89,7 +89,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _TorchvisionFallbackFilter:
+    """Drops transformers' "`XImageProcessor` requires torchvision (not installed); falling back to
+    `XImageProcessorPil`" warnings. diffusers imports several image processors at import time, so every command
+    printed them, and on a torchvision-free install (ours on CPU) the PIL processors are the intended path."""
+
+    def filter(self, record) -> bool:
+        return "requires torchvision (not installed); falling back" not in record.getMessage()
+
+
+_TORCHVISION_FALLBACK_FILTER = _TorchvisionFallbackFilter()  # one instance: addFilter() skips it when present
+
+
 def main(argv: list[str] | None = None) -> int:
+    import logging
+
+    logging.getLogger("transformers.utils.import_utils").addFilter(_TORCHVISION_FALLBACK_FILTER)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:

@@ -163,3 +163,16 @@ def test_atomic_write_keeps_an_existing_files_mode(tmp_path):
     path.chmod(0o640)
     atomic_write_text(path, "new\n")
     assert path.read_text() == "new\n" and stat.S_IMODE(path.stat().st_mode) == 0o640
+
+
+def test_cli_drops_only_the_torchvision_fallback_warning(capsys, caplog):
+    import logging
+
+    with pytest.raises(SystemExit):  # main() installs the filter before parsing
+        main(["train", "--help"])
+    log = logging.getLogger("transformers.utils.import_utils")
+    with caplog.at_level(logging.WARNING, logger="transformers.utils.import_utils"):
+        log.warning("`CLIPImageProcessor` requires torchvision (not installed); falling back to `CLIPImageProcessorPil`")
+        log.warning("something else")
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == ["something else"]

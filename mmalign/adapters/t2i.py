@@ -140,6 +140,16 @@ def load_t2i_components(pretrained: str, *, revision: str | None = None, variant
     return T2IComponents(pretrained, unet, vae, noise_scheduler, text_encoders, tokenizers, is_sdxl)
 
 
+def move_module(module: torch.nn.Module, device=None, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """`module.to(device, dtype)`, casting only when the dtype differs (diffusers' `ModelMixin.to` warns about
+    float32 modules on every cast, even a no-op one)."""
+    if device is not None:
+        module.to(device)
+    if dtype is not None and getattr(module, "dtype", None) != dtype:
+        module.to(dtype=dtype)
+    return module
+
+
 class T2IAdapter:
     """Turns images + captions into per-sample denoising errors for a policy UNet and its reference.
 
@@ -162,7 +172,7 @@ class T2IAdapter:
         if reference == "frozen_copy":
             self.ref_unet = copy.deepcopy(components.unet).requires_grad_(False).eval()
             if reference_dtype is not None:
-                self.ref_unet.to(dtype=reference_dtype)
+                move_module(self.ref_unet, dtype=reference_dtype)
         vae_config = components.vae.config if components.vae is not None else None
         self.vae_scale = float(vae_config.scaling_factor) if vae_config is not None else 1.0
         shift = getattr(vae_config, "shift_factor", None)

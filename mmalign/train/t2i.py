@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mmalign.adapters.t2i import T2IAdapter, TextConditioning, load_t2i_components, read_model_index
+from mmalign.adapters.t2i import T2IAdapter, TextConditioning, load_t2i_components, move_module, read_model_index
 from mmalign.losses import diffusion_dpo_loss, dpo_loss, mapo_loss, ranked_dpo_loss
 from mmalign.train.checkpoint import atomic_dir
 from mmalign.train.config import T2ITrainConfig
@@ -60,7 +60,7 @@ def build_adapter(cfg: T2ITrainConfig, device: torch.device, encoders_on_device:
     weight_dtype = _weight_dtype(cfg.train.mixed_precision)
     if encoders_on_device:
         for module in [m for m in (comps.vae, *comps.text_encoders) if m is not None]:
-            module.to(device, dtype=encoder_dtype(cfg))
+            move_module(module, device, encoder_dtype(cfg))
     needs_reference = cfg.method.name in ("dpo", "rankdpo")
     unet = comps.unet
     if m.attention == "xformers":
@@ -69,7 +69,7 @@ def build_adapter(cfg: T2ITrainConfig, device: torch.device, encoders_on_device:
         from peft import LoraConfig
 
         unet.requires_grad_(False)
-        unet.to(device, dtype=weight_dtype)
+        move_module(unet, device, weight_dtype)
         unet.add_adapter(LoraConfig(r=m.lora.rank, lora_alpha=m.lora.alpha or m.lora.rank,
                                     lora_dropout=m.lora.dropout, init_lora_weights="gaussian",
                                     target_modules=m.lora.target_modules))
@@ -273,7 +273,7 @@ def build_cache(cfg: T2ITrainConfig, device: torch.device | str | None = None, p
     if comps.is_sdxl and d.resolution % 16:
         raise TrainingError(f"data.resolution {d.resolution} is not a multiple of 16, which SDXL needs")
     for module in [x for x in (comps.vae, *comps.text_encoders) if x is not None]:
-        module.to(device, dtype=encoder_dtype(cfg))
+        move_module(module, device, encoder_dtype(cfg))
     adapter = T2IAdapter(comps, reference=None)
     writer = CacheWriter(d.shards, CACHE_NAME, cache_producer(cfg), overwrite=True, root=d.cache_root)
     bar = tqdm(total=len(dataset), desc="cache", disable=not progress)
@@ -501,7 +501,7 @@ class T2ITask(Task):
         device = next(unwrapped.parameters()).device
         if self.cfg.data.use_cache:  # the encoders wait on the CPU while training from the cache
             for module in encoders:
-                module.to(device, dtype=encoder_dtype(self.cfg))
+                move_module(module, device, encoder_dtype(self.cfg))
         try:
             return {"grid": run_validation(self.cfg, self.adapter, unwrapped, run_dir, step, logger)}
         finally:
