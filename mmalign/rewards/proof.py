@@ -234,7 +234,7 @@ def reward_toy(out: Path, base: str, *, seeds: int = 1, rm_pairs: int = 8192, rm
     from mmalign.rewards.registry import load_scorer
     from mmalign.selfgen.ranked import build_ranked_set
     from mmalign.toy import experiment as ex
-    from mmalign.toy.bench import method_overrides
+    from mmalign.toy.bench import method_overrides, summarize
     from mmalign.toy.pipeline import ToyT2IPipeline
     from mmalign.toy.scenes import prompt_seed_pairs
     from mmalign.train.trainer import train
@@ -317,7 +317,7 @@ def reward_toy(out: Path, base: str, *, seeds: int = 1, rm_pairs: int = 8192, rm
             runs.append(row)
             print(f"{condition} seed {seed}: reward gain {row['reward_gain']:+.3f}, win rate {row['win_rate']:.3f}, "
                   f"drift {row['drift']:.1f}")
-    summary = summarize(runs)
+    summary = summarize(runs, by="condition")
     table = markdown_table(summary, ranking)
     report = {"reward_model": rm_report, "ranking_vs_truth": ranking, "runs": runs, "summary": summary,
               "base": {k_: float(v.mean()) for k_, v in ex.rewards(base_images, eval_prompts).items()},
@@ -331,17 +331,6 @@ def reward_toy(out: Path, base: str, *, seeds: int = 1, rm_pairs: int = 8192, rm
         f"deviation over {seeds} seed(s).\n")
     report["table"] = table
     return report
-
-
-def summarize(runs: list[dict]) -> dict[str, dict[str, list[float]]]:
-    """Per condition: [mean, standard deviation over seeds] of reward gain, colour gain, win rate and drift."""
-    out: dict[str, dict[str, list[float]]] = {}
-    for condition in dict.fromkeys(r["condition"] for r in runs):
-        rows = [r for r in runs if r["condition"] == condition]
-        out[condition] = {key: [float(np.mean([r[key] for r in rows])),
-                                float(np.std([r[key] for r in rows], ddof=1)) if len(rows) > 1 else 0.0]
-                          for key in ("reward_gain", "color_gain", "win_rate", "drift")}
-    return out
 
 
 def markdown_table(summary: dict, ranking: dict) -> str:

@@ -121,14 +121,15 @@ def bench(out: Path, base: str, methods: list[str], n_seeds: int, n_prompts: int
     return report
 
 
-def summarize(runs: list[dict]) -> dict[str, dict[str, list[float]]]:
-    """Per method: [mean, standard deviation] over seeds of reward gain, colour gain, win rate and drift."""
+def summarize(runs: list[dict], by: str = "method") -> dict[str, dict[str, list[float]]]:
+    """Per value of `by` (the method; a condition elsewhere): [mean, standard deviation] over seeds of reward
+    gain, colour gain, win rate and drift."""
     out: dict[str, dict[str, list[float]]] = {}
-    for method in dict.fromkeys(r["method"] for r in runs):
-        rows = [r for r in runs if r["method"] == method]
-        out[method] = {key: [float(np.mean([r[key] for r in rows])),
-                             float(np.std([r[key] for r in rows], ddof=1)) if len(rows) > 1 else 0.0]
-                       for key in ("reward_gain", "color_gain", "win_rate", "drift")}
+    for group in dict.fromkeys(r[by] for r in runs):
+        rows = [r for r in runs if r[by] == group]
+        out[group] = {key: [float(np.mean([r[key] for r in rows])),
+                            float(np.std([r[key] for r in rows], ddof=1)) if len(rows) > 1 else 0.0]
+                      for key in ("reward_gain", "color_gain", "win_rate", "drift")}
     return out
 
 
