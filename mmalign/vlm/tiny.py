@@ -76,6 +76,32 @@ def bpe_tokenizer(special: Iterable[str], corpus: Iterable[str] = TOY_CORPUS, vo
     return PreTrainedTokenizerFast(tokenizer_object=tok, **special_roles)
 
 
+def _llava_parts(image_size: int, patch_size: int, vision_width: int, text_width: int, vision_layers: int,
+                 text_layers: int, heads: int, corpus: Iterable[str], max_positions: int):
+    """(tokenizer, CLIP vision config, Llama text config) shared by the tiny LLaVA and LLaVA-NeXT builders."""
+    from transformers import CLIPVisionConfig, LlamaConfig
+
+    tokenizer = bpe_tokenizer(LLAVA_SPECIAL, corpus, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    tokenizer.padding_side = "left"
+    vision = CLIPVisionConfig(hidden_size=vision_width, intermediate_size=2 * vision_width,
+                              num_hidden_layers=vision_layers, num_attention_heads=heads, image_size=image_size,
+                              patch_size=patch_size, projection_dim=vision_width)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=text_width, intermediate_size=2 * text_width,
+                       num_hidden_layers=text_layers, num_attention_heads=heads, num_key_value_heads=heads,
+                       max_position_embeddings=max_positions, pad_token_id=tokenizer.pad_token_id,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    return tokenizer, vision, text
+
+
+def _seeded_model(model_class, config, tokenizer, seed: int):
+    """`model_class(config)` initialised under `seed`, in eval mode, generating with the tokenizer's pad / eos."""
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
 def tiny_llava(image_size: int = 32, patch_size: int = 4, vision_width: int = 64, text_width: int = 128,
                vision_layers: int = 2, text_layers: int = 2, heads: int = 4, seed: int = 0,
                corpus: Iterable[str] = TOY_CORPUS):
@@ -85,26 +111,15 @@ def tiny_llava(image_size: int = 32, patch_size: int = 4, vision_width: int = 64
     token (`vision_feature_select_strategy="default"` drops CLS). With a 2-layer tower the features come from the
     last layer (`vision_feature_layer=-1`; the default -2 would pick layer 1).
     """
-    from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
+    from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
-    tokenizer = bpe_tokenizer(LLAVA_SPECIAL, corpus, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
-    tokenizer.padding_side = "left"
+    tokenizer, vision, text = _llava_parts(image_size, patch_size, vision_width, text_width, vision_layers,
+                                           text_layers, heads, corpus, max_positions=512)
     n_tokens = (image_size // patch_size) ** 2
-    vision = CLIPVisionConfig(hidden_size=vision_width, intermediate_size=2 * vision_width,
-                              num_hidden_layers=vision_layers, num_attention_heads=heads, image_size=image_size,
-                              patch_size=patch_size, projection_dim=vision_width)
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=text_width, intermediate_size=2 * text_width,
-                       num_hidden_layers=text_layers, num_attention_heads=heads, num_key_value_heads=heads,
-                       max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     config = LlavaConfig(vision_config=vision, text_config=text,
                          image_token_index=tokenizer.convert_tokens_to_ids("<image>"), image_seq_length=n_tokens,
                          vision_feature_layer=-1, vision_feature_select_strategy="default")
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).eval()
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model = _seeded_model(LlavaForConditionalGeneration, config, tokenizer, seed)
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": image_size},
                                          crop_size={"height": image_size, "width": image_size})
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
@@ -118,30 +133,19 @@ def tiny_llava_next(image_size: int = 32, patch_size: int = 8, vision_width: int
                     corpus: Iterable[str] = TOY_CORPUS):
     """(model, processor): a tiny `LlavaNextForConditionalGeneration` (LLaVA-1.6 style: any-resolution tiling
     over the grid pinpoints 1x1, 1x2, 2x1, 2x2 tiles of `image_size`) and its `LlavaNextProcessor`."""
-    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
-                              LlavaNextProcessor)
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
-    tokenizer = bpe_tokenizer(LLAVA_SPECIAL, corpus, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
-    tokenizer.padding_side = "left"
+    tokenizer, vision, text = _llava_parts(image_size, patch_size, vision_width, text_width, vision_layers,
+                                           text_layers, heads, corpus, max_positions=1024)
     pinpoints = [[image_size, image_size], [image_size, 2 * image_size], [2 * image_size, image_size],
                  [2 * image_size, 2 * image_size]]
-    vision = CLIPVisionConfig(hidden_size=vision_width, intermediate_size=2 * vision_width,
-                              num_hidden_layers=vision_layers, num_attention_heads=heads, image_size=image_size,
-                              patch_size=patch_size, projection_dim=vision_width)
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=text_width, intermediate_size=2 * text_width,
-                       num_hidden_layers=text_layers, num_attention_heads=heads, num_key_value_heads=heads,
-                       max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     config = LlavaNextConfig(vision_config=vision, text_config=text,
                              image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
                              image_grid_pinpoints=pinpoints, vision_feature_layer=-1,
                              vision_feature_select_strategy="default",
                              image_seq_length=(image_size // patch_size) ** 2)
-    torch.manual_seed(seed)
-    model = LlavaNextForConditionalGeneration(config).eval()
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model = _seeded_model(LlavaNextForConditionalGeneration, config, tokenizer, seed)
     image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": image_size},
                                                  crop_size={"height": image_size, "width": image_size},
                                                  image_grid_pinpoints=pinpoints)
@@ -181,10 +185,7 @@ def tiny_qwen2_vl(image_size: int = 56, patch_size: int = 14, merge_size: int = 
                            temporal_patch_size=2),
         image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
         vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
-    torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(config).eval()
-    model.generation_config.pad_token_id = ids("<|endoftext|>")
-    model.generation_config.eos_token_id = ids("<|im_end|>")
+    model = _seeded_model(Qwen2VLForConditionalGeneration, config, tokenizer, seed)
     pixels = image_size * image_size
     image_processor = Qwen2VLImageProcessorPil(min_pixels=pixels, max_pixels=pixels, patch_size=patch_size,
                                                merge_size=merge_size, temporal_patch_size=2)
