@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from dist_helpers import torchrun2
 import torch
 from data_helpers import image_array, jpeg, solid_jpeg, write_pairs
 from PIL import Image
@@ -68,13 +66,7 @@ def test_two_torchrun_ranks_two_workers_see_every_sample_once(tmp_path):
     """The real thing: rank and world size from an initialised gloo process group under torchrun."""
     data = write_pairs(tmp_path / "data", 13, max_count=3)  # 5 shards: unequal shares per rank
     (tmp_path / "rank.py").write_text(_RANK_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(tmp_path / "rank.py"), str(data), str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun2(tmp_path / "rank.py", data, tmp_path)
     for split in ("auto", "sample"):
         ranks = [json.loads((tmp_path / f"{split}-{r}.json").read_text()) for r in (0, 1)]
         assert [r["world"] for r in ranks] == [2, 2]

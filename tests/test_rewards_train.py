@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from dist_helpers import torchrun2
 import torch
 
 from mmalign.train.tasks import load_train_config
@@ -154,16 +155,10 @@ json.dump(out, open(f"{sys.argv[1]}/rank{rank}.json", "w"))
 @pytest.mark.distributed
 def test_gathered_loss_and_gradients_equal_one_process_on_the_global_batch(tmp_path):
     import json
-    import os
-    import subprocess
-    import sys
 
     script = tmp_path / "gather.py"
     script.write_text(GATHER_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun2(script, tmp_path)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     for case in ("soft_ce-batch", "soft_ce-dataset", "bt-none", "btt-none"):
         ref = r0[f"{case}-reference"]
@@ -201,9 +196,6 @@ json.dump({"keys": res.keys_seen, "digest": digest, "scores": scores, "loss": re
 @pytest.mark.distributed
 def test_two_process_reward_training_disjoint_data_identical_parameters_and_export(tmp_path):
     import json
-    import os
-    import subprocess
-    import sys
 
     from mmalign.rewards import load_scorer
     from mmalign.rewards.clip import load_clip_scorer
@@ -211,14 +203,9 @@ def test_two_process_reward_training_disjoint_data_identical_parameters_and_expo
     script = tmp_path / "train.py"
     script.write_text(TRAIN_SCRIPT)
     run = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-         str(ROOT / "configs/reward/toy_clip.yaml"), f"run.output_dir={run}", f"data.shards={ROOT / 'assets/tiny/pairs'}",
-         "train.progress=false", "train.batch_size=4", "train.max_steps=3", "train.checkpoint_every=0",
-         "data.shuffle_buffer=16", "method.prompt_weight=batch"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun2(script, ROOT / "configs/reward/toy_clip.yaml", f"run.output_dir={run}",
+              f"data.shards={ROOT / 'assets/tiny/pairs'}", "train.progress=false", "train.batch_size=4",
+              "train.max_steps=3", "train.checkpoint_every=0", "data.shuffle_buffer=16", "method.prompt_weight=batch")
     r0, r1 = (json.loads((run / f"rank{r}.json").read_text()) for r in (0, 1))
     assert len(r0["keys"]) == len(r1["keys"]) == 12
     assert not set(r0["keys"]) & set(r1["keys"])  # each rank its own pairs

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from dist_helpers import torchrun2
 import torch
 from PIL import Image
 
@@ -124,11 +122,7 @@ def test_video_scorer_refused_for_image_shards(shards, tmp_path):
 def test_two_processes_split_shards(shards, tmp_path):
     root, _ = shards
     out = tmp_path / "scores"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mmalign.cli",
-           "score", "--scorers", "toy_color", "--in", str(root), "--out", str(out), "--no-progress"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun2("-m", "mmalign.cli", "score", "--scorers", "toy_color", "--in", root, "--out", out, "--no-progress")
     writers = {}
     for shard in sorted(p.name for p in root.glob("*.tar")):
         writers[shard] = json.loads(score_path(out, "toy_color", shard).read_text().splitlines()[0])["written_by"]

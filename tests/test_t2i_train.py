@@ -3,12 +3,10 @@
 import errno
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from dist_helpers import torchrun2
 import torch
 
 from mmalign.cli import main
@@ -167,13 +165,8 @@ def test_two_process_run_sees_disjoint_data_and_ends_with_identical_parameters(t
     script = tmp_path / "dist.py"
     script.write_text(DIST_SCRIPT)
     run = tmp_path / "run"
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-         str(script), str(CONFIGS / "t2i_dpo.yaml"), f"run.output_dir={run}", "train.max_steps=4",
-         "train.batch_size=2", "train.progress=false", "validation.prompts=[]", "train.checkpoint_every=0"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun2(script, CONFIGS / "t2i_dpo.yaml", f"run.output_dir={run}", "train.max_steps=4", "train.batch_size=2",
+              "train.progress=false", "validation.prompts=[]", "train.checkpoint_every=0")
     r0, r1 = (json.loads((run / f"rank{r}.json").read_text()) for r in (0, 1))
     assert len(r0["keys"]) == len(r1["keys"]) == 8
     assert not set(r0["keys"]) & set(r1["keys"])  # disjoint data
@@ -228,15 +221,11 @@ def test_fsdp2_checkpoints_and_saves_the_full_unet(tmp_path):
 
     script = tmp_path / "fsdp.py"
     script.write_text(FSDP_SCRIPT)
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     common = [str(CONFIGS / "t2i_dpo.yaml"), "train.max_steps=3", "train.batch_size=2", "train.progress=false",
               "validation.prompts=[]", "train.checkpoint_every=2"]
-    for mode, port in (("fsdp", "29541"), ("ddp", "29542")):
-        proc = subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
-             str(script), mode, str(ROOT / "configs" / "accelerate" / "fsdp.yaml"), *common,
-             f"run.output_dir={tmp_path / mode}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+    for mode in ("fsdp", "ddp"):
+        torchrun2(script, mode, ROOT / "configs" / "accelerate" / "fsdp.yaml", *common,
+                  f"run.output_dir={tmp_path / mode}", timeout=600)
     shards = sorted(p.name for p in (tmp_path / "fsdp" / "checkpoints" / "step-2").rglob("*"))
     assert "pytorch_model_fsdp_0" in shards and "optimizer_0" in shards
     assert {"random_states_0.pkl", "random_states_1.pkl"} <= set(shards)  # both processes saved
