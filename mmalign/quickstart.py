@@ -15,31 +15,12 @@ Everything is seeded; `key=value` arguments override the training recipe (`train
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-BASE_MODEL = REPO / "assets" / "toy" / "t2i"
-
-# The recipe: Diffusion-DPO with LoRA on the toy base (the fields a user would put in configs/*.yaml).
-RECIPE = {
-    "run": {"seed": 0, "overwrite": True},
-    "model": {"pretrained": str(BASE_MODEL),
-              "lora": {"rank": 8, "alpha": 8,
-                       "target_modules": ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]}},
-    "method": {"name": "dpo", "beta": 2000, "ties": "drop"},
-    "data": {"schema": "pair", "resolution": 32, "center_crop": True, "random_flip": False, "shuffle_buffer": 2000},
-    "optim": {"lr": 5e-4, "lr_scheduler": "constant_with_warmup", "lr_warmup_steps": 20, "weight_decay": 0.0},
-    "train": {"max_steps": 300, "batch_size": 16, "checkpoint_every": 100, "checkpoints_total_limit": 1,
-              "log_every": 5},
-    "validation": {"prompts": ["a red circle on the left", "a green square on the center",
-                               "a blue triangle on the right", "a yellow circle on the center"],
-                   "seed": 0, "num_inference_steps": 20, "guidance_scale": 1.0, "images_per_prompt": 4},
-}
-
+from mmalign.toy.recipe import BASE_MODEL, training_config
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/quickstart", help="output folder (default: runs/quickstart)")
@@ -82,19 +63,6 @@ def run(args: argparse.Namespace) -> int:
           f"(95% CI {wr['ci95'][0]:.3f}-{wr['ci95'][1]:.3f}); drift {ev['drift']:.1f} RGB units")
     print(f"report: {Path(args.out) / 'report.md'}   grid: {Path(args.out) / 'grid.png'}")
     return 0
-
-
-def training_config(out: Path, base: str, seed: int, overrides: list[str], shards: Path):
-    """The recipe with this run's paths, validated (overrides applied last)."""
-    from mmalign.config import apply_overrides, validate_config
-    from mmalign.train.config import TrainConfig
-
-    recipe = copy.deepcopy(RECIPE)
-    recipe["run"].update(output_dir=str(out / "train"), seed=seed)
-    recipe["model"]["pretrained"] = base
-    recipe["data"]["shards"] = str(shards)
-    data, touched = apply_overrides(recipe, overrides)
-    return validate_config(TrainConfig, data, "<quickstart recipe>", touched)
 
 
 def quickstart(out: Path, base: str, n_prompts: int, k: int, n_eval: int, sample_steps: int, seed: int,

@@ -2,7 +2,7 @@
 
     python scripts/make_tiny_assets.py [--out assets/tiny] [--seed 0]
 
-- `sd15/`, `sdxl/`: tiny SD-1.5- and SDXL-style pipelines with random weights (`mmalign.tiny.build_tiny_sd`),
+- `sd15/`, `sdxl/`: tiny SD-1.5- and SDXL-style pipelines with random weights (`mmalign.t2i.tiny.build_tiny_sd`),
   in diffusers format (load with `DiffusionPipeline.from_pretrained`).
 - `pairs/`: `pair` shards from the toy world: for each sampled caption, one scene it describes and one that
   differs only in colour; the ground-truth total reward decides the label (winner first is not assumed:
@@ -68,7 +68,7 @@ def main() -> None:
     args = ap.parse_args()
     from mmalign.data.schemas import pair_sample, ranked_sample
     from mmalign.data.writer import ShardSetWriter
-    from mmalign.tiny import build_tiny_sd
+    from mmalign.t2i.tiny import build_tiny_sd
 
     out = Path(args.out)
     build_tiny_sd(out / "sd15", kind="sd15", seed=args.seed)

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from mmalign.adapters.vlm import load_vlm
+    from mmalign.vlm.adapter import load_vlm
     from mmalign.vlm.tiny import build_tiny_vlm
     from mmalign.vlm.toy import evaluate_toy, heldout_scenes, toy_training_data
 
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         batch = {k: (v[:, :length] if v.dim() == 2 and v.shape[1] == mask.shape[1] else v) for k, v in batch.items()}
         mask = mask[:, :length]
         logits = model(**batch, use_cache=False).logits
-        from mmalign.adapters.vlm import response_logps
+        from mmalign.vlm.logprobs import response_logps
 
         lp = response_logps(logits, batch["input_ids"], mask)
         loss = -lp.sum.sum() / lp.count.sum()

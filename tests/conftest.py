@@ -13,13 +13,13 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tiny_sd15(tmp_path_factory):
-    from mmalign.tiny import build_tiny_sd
+    from mmalign.t2i.tiny import build_tiny_sd
 
     return str(build_tiny_sd(tmp_path_factory.mktemp("models") / "sd15", kind="sd15"))
 
 
 @pytest.fixture(scope="session")
 def tiny_sdxl(tmp_path_factory):
-    from mmalign.tiny import build_tiny_sd
+    from mmalign.t2i.tiny import build_tiny_sd
 
     return str(build_tiny_sd(tmp_path_factory.mktemp("models") / "sdxl", kind="sdxl"))

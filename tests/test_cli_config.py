@@ -9,7 +9,7 @@ import yaml
 
 from mmalign.cli import SUBCOMMANDS, main
 from mmalign.config import ConfigError, apply_overrides, load_config, write_resolved_config
-from mmalign.train.config import TrainConfig
+from mmalign.t2i.task import T2ITrainConfig
 
 MINIMAL = {
     "model": {"pretrained": "some/model"},
@@ -53,15 +53,15 @@ def test_overrides_parse_yaml_scalars_and_make_sections():
 
 
 def test_load_config_applies_overrides_and_defaults(tmp_path):
-    cfg = load_config(TrainConfig, write(tmp_path, MINIMAL), ["optim.lr=1e-5", "method.name=mapo"])
+    cfg = load_config(T2ITrainConfig, write(tmp_path, MINIMAL), ["optim.lr=1e-5", "method.name=mapo"])
     assert cfg.optim.lr == 1e-5 and cfg.method.name == "mapo" and cfg.method.resolved_beta() == 0.1
     assert cfg.train.max_steps == 3 and cfg.run.seed == 0
 
 
 def test_resolved_config_round_trips(tmp_path):
-    cfg = load_config(TrainConfig, write(tmp_path, MINIMAL), ["data.schema=pair", "method.beta=2500"])
+    cfg = load_config(T2ITrainConfig, write(tmp_path, MINIMAL), ["data.schema=pair", "method.beta=2500"])
     path = write_resolved_config(cfg, tmp_path / "run")
-    again = load_config(TrainConfig, path)
+    again = load_config(T2ITrainConfig, path)
     assert again == cfg
     assert yaml.safe_load(path.read_text())["data"]["schema"] == "pair"
 
@@ -84,7 +84,7 @@ def test_config_errors_name_the_key_and_the_file(tmp_path, mutate, overrides, ex
     mutate(data)
     path = write(tmp_path, data)
     with pytest.raises(ConfigError) as exc:
-        load_config(TrainConfig, path, overrides)
+        load_config(T2ITrainConfig, path, overrides)
     assert expected in str(exc.value)
     if not overrides:
         assert str(path) in str(exc.value)
@@ -143,7 +143,7 @@ def test_atomic_write_gives_the_mode_a_plain_open_gives(tmp_path, umask):
         atomic_write_text(tmp_path / "atomic.json", "{}\n")
         with open(tmp_path / "plain.json", "w") as fh:
             fh.write("{}\n")
-        written = write_resolved_config(TrainConfig.model_validate(MINIMAL), tmp_path / "run")
+        written = write_resolved_config(T2ITrainConfig.model_validate(MINIMAL), tmp_path / "run")
     finally:
         os.umask(old)
     mode = stat.S_IMODE((tmp_path / "atomic.json").stat().st_mode)

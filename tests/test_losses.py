@@ -343,6 +343,22 @@ def test_diffusion_dpo_is_dpo_on_negated_errors(loss_type):
         assert ma[k].item() == mb[k].item()
 
 
+@pytest.mark.parametrize("loss_type", ["sigmoid", "robust"])
+def test_diffusion_dpo_label_smoothing(loss_type):
+    """cDPO / robust DPO on errors: z = -β/2·((ew - el) - (rw - rl)) per pair, written out by hand."""
+    x = err_random(3)
+    e = 0.2
+    loss, _ = diffusion_dpo_loss(t64(x["ew"]), t64(x["el"]), t64(x["rw"]), t64(x["rl"]), 4000.0, loss_type, e)
+    zs = [-(4000.0 / 2) * ((a - b) - (c - d)) for a, b, c, d in zip(x["ew"], x["el"], x["rw"], x["rl"])]
+    if loss_type == "sigmoid":
+        expected = mean(-(1 - e) * logsig(z) - e * logsig(-z) for z in zs)
+    else:
+        expected = mean((-(1 - e) * logsig(z) + e * logsig(-z)) / (1 - 2 * e) for z in zs)
+    assert loss.item() == approx(expected)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        diffusion_dpo_loss(t64(x["ew"]), t64(x["el"]), t64(x["rw"]), t64(x["rl"]), 4000.0, "hinge", e)
+
+
 @pytest.mark.parametrize("schedule", ["constant", "(1-t)^2"])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_flow_dpo_parity(schedule, seed):

@@ -28,7 +28,7 @@ def test_recipes_validate():
 
 def test_image_pair_loss_is_the_loss_core_on_scorer_rewards():
     from mmalign.losses import soft_ce_loss
-    from mmalign.rewards.train import image_pair_loss
+    from mmalign.rewards.task import image_pair_loss
 
     class Fixed(torch.nn.Module):
         def forward(self, images, prompts):
@@ -41,7 +41,7 @@ def test_image_pair_loss_is_the_loss_core_on_scorer_rewards():
     expected, _ = soft_ce_loss(r[:3], r[3:], torch.tensor([1.0, 0.5, 1.0]))
     torch.testing.assert_close(loss, expected)
     bt, m = image_pair_loss(Fixed(), batch, "bt")
-    assert m["reward/num_ties"] == 1 and m["reward/num_pairs"] == 2
+    assert m["rewards/num_ties"] == 1 and m["rewards/num_pairs"] == 2
 
 
 def test_toy_recipe_trains_exports_and_resumes_exactly(tmp_path):
@@ -64,7 +64,7 @@ def test_toy_recipe_trains_exports_and_resumes_exactly(tmp_path):
 
 
 def test_kind_must_match_the_shards(tmp_path):
-    from mmalign.rewards.train import RewardTask
+    from mmalign.rewards.task import RewardTask
 
     cfg = cfg_for(tmp_path, "model.kind=video")
     with pytest.raises(ValueError, match="trains on 'video_pair' shards"):
@@ -74,7 +74,7 @@ def test_kind_must_match_the_shards(tmp_path):
 def test_prompt_weights_and_their_config():
     from mmalign.config import ConfigError
     from mmalign.losses import soft_ce_loss
-    from mmalign.rewards.train import dataset_prompt_weight, image_pair_loss, prompt_counts_weight
+    from mmalign.rewards.task import dataset_prompt_weight, image_pair_loss, prompt_counts_weight
 
     torch.testing.assert_close(prompt_counts_weight(["a", "b", "a", "a"]), torch.tensor([1 / 3, 1.0, 1 / 3, 1 / 3]))
     torch.testing.assert_close(dataset_prompt_weight([{"ids": {"num_example_per_prompt": 4}}]), torch.tensor([0.25]))
@@ -100,7 +100,7 @@ GATHER_SCRIPT = r"""
 import json, sys
 import torch
 from accelerate import Accelerator
-from mmalign.rewards.train import image_pair_loss
+from mmalign.rewards.task import image_pair_loss
 
 acc = Accelerator(cpu=True)
 rank, world = acc.process_index, acc.num_processes
@@ -139,14 +139,14 @@ for loss, weight in (("soft_ce", "batch"), ("soft_ce", "dataset"), ("bt", "none"
         value, metrics = image_pair_loss(model, batch(slice(rank * B, rank * B + B)), loss, 5.0, weight, gather)
         acc.backward(value)
         out[f"{loss}-{weight}-{gather}"] = {
-            "loss": value.item(), "accuracy": metrics["reward/accuracy"].item(),
+            "loss": value.item(), "accuracy": metrics["rewards/accuracy"].item(),
             "grads": [p.grad.flatten().tolist() for p in acc.unwrap_model(model).parameters()]}
         if rank == 0 and gather:
             ref = Model()
             value, metrics = image_pair_loss(ref, batch(slice(0, n)), loss, 5.0, weight, gather=False)
             value.backward()
             out[f"{loss}-{weight}-reference"] = {
-                "loss": value.item(), "accuracy": metrics["reward/accuracy"].item(),
+                "loss": value.item(), "accuracy": metrics["rewards/accuracy"].item(),
                 "grads": [p.grad.flatten().tolist() for p in ref.parameters()]}
 json.dump(out, open(f"{sys.argv[1]}/rank{rank}.json", "w"))
 """

@@ -5,10 +5,11 @@ import math
 import pytest
 import torch
 
-from mmalign.adapters.t2i import ModelLoadError, T2IAdapter, load_t2i_components
 from mmalign.config import validate_config
-from mmalign.train.config import TrainConfig
-from mmalign.train.trainer import build_adapter, compute_loss, step_generator
+from mmalign.models.loading import ModelLoadError
+from mmalign.t2i.adapter import T2IAdapter, load_t2i_components
+from mmalign.t2i.task import T2ITrainConfig, build_adapter
+from mmalign.train.trainer import compute_loss, step_generator
 
 
 def make_cfg(pretrained, **over):
@@ -21,7 +22,7 @@ def make_cfg(pretrained, **over):
     for key, value in over.items():
         section, field = key.split("__")
         data.setdefault(section, {})[field] = value
-    return validate_config(TrainConfig, data)
+    return validate_config(T2ITrainConfig, data)
 
 
 def pair_batch(b=2, res=32, seed=0):
@@ -42,7 +43,7 @@ def test_first_step_dpo_loss_is_ln2(request, model, lora):
     over = {"model__lora": {"rank": 4}} if lora else {}
     cfg = make_cfg(pretrained, **over)
     adapter = build_adapter(cfg, torch.device("cpu"))
-    assert (adapter.reference == "disabled_adapters") == lora
+    assert (adapter.reference == "lora") == lora
     assert (adapter.ref_unet is None) == lora  # LoRA keeps no second copy
     unet = adapter.c.unet
     loss, metrics = compute_loss(cfg, adapter, unet, unet, pair_batch(), step_generator(0, 0, 0, 0))
@@ -55,7 +56,7 @@ def test_first_step_dpo_loss_is_ln2(request, model, lora):
 
 def test_pair_shares_timestep_and_noise(tiny_sd15):
     comps = load_t2i_components(tiny_sd15)
-    adapter = T2IAdapter(comps, reference=None)
+    adapter = T2IAdapter(comps, reference="none")
     latents = torch.randn(2, 3, 4, 16, 16)
     latents[1] = latents[0]  # identical winner and loser -> identical noisy inputs iff t and noise are shared
     noisy, t, target = adapter.noisy_inputs(latents, torch.Generator().manual_seed(1))
@@ -64,11 +65,11 @@ def test_pair_shares_timestep_and_noise(tiny_sd15):
 
 
 def test_targets_follow_prediction_type(tmp_path):
-    from mmalign.tiny import build_tiny_sd
+    from mmalign.t2i.tiny import build_tiny_sd
 
     for pred in ["epsilon", "v_prediction", "sample"]:
         path = build_tiny_sd(tmp_path / pred, prediction_type=pred)
-        adapter = T2IAdapter(load_t2i_components(str(path)), reference=None)
+        adapter = T2IAdapter(load_t2i_components(str(path)), reference="none")
         x0 = torch.randn(2, 1, 4, 16, 16)
         g = torch.Generator().manual_seed(0)
         noisy, t, target = adapter.noisy_inputs(x0, g)

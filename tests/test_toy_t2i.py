@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from mmalign.tiny import TOY_WORDS, word_clip_tokenizer
+from mmalign.models.tiny import TOY_WORDS, word_clip_tokenizer
 from mmalign.toy import experiment as ex
 from mmalign.toy.pipeline import ToyT2IPipeline, build_toy_t2i
 from mmalign.toy.scenes import BACKGROUND, PALETTE, sample_scene
@@ -69,12 +69,12 @@ def test_shipped_base_model_loads_with_from_pretrained_and_generates():
 
 
 def test_pixel_space_adapter_is_identity_and_dpo_starts_at_ln2(toy_folder):
-    from mmalign.adapters.t2i import T2IAdapter, load_t2i_components
+    from mmalign.t2i.adapter import T2IAdapter, load_t2i_components
     from mmalign.losses import diffusion_dpo_loss
 
     comps = load_t2i_components(str(toy_folder))
     assert comps.vae is None and comps.prediction_type == "sample"
-    adapter = T2IAdapter(comps, reference="frozen_copy")
+    adapter = T2IAdapter(comps, reference="copy")
     pixels = torch.rand(4, 3, 32, 32) * 2 - 1
     posterior = adapter.encode_images(pixels)
     assert torch.equal(adapter.sample_latents(posterior, torch.Generator().manual_seed(0)), pixels)
@@ -171,7 +171,7 @@ def test_shortened_quickstart_writes_every_promised_file(tmp_path):
 def test_saved_lora_with_conv_targets_reproduces_the_trained_unet(tmp_path):
     """The quickstart recipe adapts attention and resnet convs; the saved LoRA, loaded the way users load it,
     must give the trained policy's predictions exactly (a mixed-format save once dropped the attention LoRA)."""
-    from mmalign.quickstart import training_config
+    from mmalign.toy.recipe import training_config
     from mmalign.train.trainer import train
 
     pairs = [("a red circle on the left", 0), ("a blue square on the right", 1)]
@@ -187,9 +187,9 @@ def test_saved_lora_with_conv_targets_reproduces_the_trained_unet(tmp_path):
     pipe.load_lora_weights(result.outputs["lora"])
     x, t = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([300, 700])
     cond = pipe.encode_prompt([p for p, _ in pairs])
-    result.unet.eval()
+    result.module.eval()
     with torch.no_grad():
-        trained = result.unet(x, t, cond).sample
+        trained = result.module(x, t, cond).sample
         loaded = pipe.unet(x, t, cond).sample
         base = ToyT2IPipeline.from_pretrained(SHIPPED).unet(x, t, cond).sample
     assert (trained - base).abs().max() > 1e-4  # training changed the model...

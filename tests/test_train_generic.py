@@ -277,8 +277,8 @@ def test_registry_rejects_bad_targets(monkeypatch):
 
 def test_existing_t2i_configs_default_to_the_t2i_task():
     cfg = load_train_config(Path(__file__).resolve().parents[1] / "configs" / "tiny" / "t2i_dpo.yaml")
-    from mmalign.train.config import T2ITrainConfig
-    from mmalign.train.t2i import T2ITask
+    from mmalign.t2i.task import T2ITrainConfig
+    from mmalign.t2i.task import T2ITask
 
     assert isinstance(cfg, T2ITrainConfig) and cfg.task == "t2i" and tasks.get_task("t2i") is T2ITask
 

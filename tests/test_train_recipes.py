@@ -8,7 +8,7 @@ import yaml
 
 from mmalign.cli import main
 from mmalign.config import ConfigError, load_config
-from mmalign.train.config import T2ITrainConfig
+from mmalign.t2i.task import T2ITrainConfig
 from mmalign.train.tasks import load_train_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,7 +126,7 @@ def test_script_uses_existing_shards_and_refuses_bad_arguments(tmp_path):
 # -- bad input: each a clear error before any model loads -------------------------------------------------------
 @pytest.fixture
 def no_model_load(monkeypatch):
-    import mmalign.train.t2i as t2i
+    import mmalign.t2i.task as t2i
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the bad input was reported")
@@ -169,7 +169,7 @@ def test_zero_usable_pairs_fail_before_the_model_loads(tmp_path, no_model_load, 
 
 
 def test_bad_model_resolution_and_shards_fail_before_the_model_loads(tmp_path, no_model_load):
-    from mmalign.adapters.t2i import ModelLoadError
+    from mmalign.models.loading import ModelLoadError
     from mmalign.data.manifest import ManifestError
     from mmalign.train.trainer import TrainingError, train
 

@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmalign.adapters.t2i import T2IAdapter
 from mmalign.cli import main
 from mmalign.config import load_config
 from mmalign.data.cache import StaleCacheError, list_caches
 from mmalign.data.transforms import to_pixel_values
-from mmalign.train.config import T2ITrainConfig
+from mmalign.t2i.adapter import T2IAdapter, read_cached
+from mmalign.t2i.cache import build_cache
+from mmalign.t2i.task import T2ITask, T2ITrainConfig, build_adapter
 from mmalign.train.metrics import read_metrics
-from mmalign.train.t2i import T2ITask, build_adapter, build_cache, read_cached
 from mmalign.train.trainer import step_generator, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,7 +127,7 @@ def test_resume_from_the_cache_is_bit_exact(data):
 
 
 def test_a_stale_cache_is_refused_before_any_model_loads(data, monkeypatch, capsys):
-    import mmalign.train.t2i as t2i
+    import mmalign.t2i.task as t2i
 
     def no_load(*args, **kwargs):
         raise AssertionError("the model loaded before the cache was checked")
@@ -162,14 +162,14 @@ def test_changed_encoder_weights_or_shards_make_the_cache_stale(data, tmp_path):
 
 def test_cache_only_never_loads_the_unet(data, tmp_path):
     """--cache-only needs the encoders only: a pipeline copy without its unet/ folder builds the same cache."""
-    from mmalign.adapters.t2i import load_t2i_components
+    from mmalign.t2i.adapter import load_t2i_components
 
     no_unet = tmp_path / "sd15"
     shutil.copytree(data / "sd15", no_unet, ignore=shutil.ignore_patterns("unet"))
     comps = load_t2i_components(str(no_unet), load_unet=False)
     assert comps.unet is None and comps.vae is not None
     with pytest.raises(ValueError, match="load_unet=False"):
-        T2IAdapter(comps, reference="frozen_copy")
+        T2IAdapter(comps, reference="copy")
     pairs = tmp_path / "pairs"
     shutil.copytree(data / "pairs", pairs, ignore=shutil.ignore_patterns("cache"))
     # The pipeline path is part of the producer, so compare with a cache of the full pipeline at the same path.
@@ -225,5 +225,7 @@ def test_ranked_and_sdxl_caches_round_trip(tmp_path):
         assert b_plain["keys"] == b_cached["keys"]
         _, m_plain = T2ITask.compute_loss(plain, adapter, unet, unet, b_plain, step_generator(0, 0, 0, 0))
         _, m_cached = T2ITask.compute_loss(cached, adapter, unet, unet, b_cached, step_generator(0, 0, 0, 0))
-        for key in ("mse/policy_chosen", "mse/policy_rejected"):
+        mse = {"mse/policy", "mse/ref"} if "rankdpo" in recipe else {"mse/policy_chosen", "mse/policy_rejected"}
+        assert mse <= set(m_plain) and set(m_cached) == set(m_plain)
+        for key in mse:
             torch.testing.assert_close(m_cached[key], m_plain[key], rtol=1e-5, atol=1e-7)

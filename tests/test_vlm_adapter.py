@@ -5,8 +5,10 @@ import pytest
 import torch
 from PIL import Image
 
-from mmalign.adapters.vlm import (ImageTokenMismatchError, PromptTooLongError, VLMLoadError, cached_reference,
-                                  image_token_mask, load_vlm, pair_rows, precompute_reference_logps)
+from mmalign.models.loading import ModelLoadError
+from mmalign.vlm.adapter import PromptTooLongError, image_token_mask, load_vlm
+from mmalign.vlm.processing import ImageTokenMismatchError, pair_rows
+from mmalign.vlm.reference_cache import cached_reference, precompute_reference_logps
 
 
 def _images(n, seed=0, size=32):
@@ -27,7 +29,7 @@ RESPONSES = ["a red circle on the left", "a blue square", "a green triangle on t
 
 def _manual_sum(adapter, prompt, image, response):
     """Independent computation: one unpadded row, full log-softmax, gather on the response positions."""
-    from mmalign.adapters.vlm import normalize_turns
+    from mmalign.vlm.processing import normalize_turns
 
     text = adapter.processor.apply_chat_template(normalize_turns(prompt, 1), add_generation_prompt=True,
                                                  tokenize=False)
@@ -207,12 +209,12 @@ def test_image_token_mask_keeps_the_configured_fraction():
 
 def test_unsupported_model_folder_is_a_clear_error(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "bert"}')
-    with pytest.raises(VLMLoadError, match="'bert' is not a supported VLM"):
+    with pytest.raises(ModelLoadError, match="'bert' is not a supported VLM"):
         load_vlm(str(tmp_path))
-    with pytest.raises(VLMLoadError, match="no such model folder"):
+    with pytest.raises(ModelLoadError, match="no such model folder"):
         load_vlm(str(tmp_path / "missing"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(VLMLoadError, match="no config.json"):
+    with pytest.raises(ModelLoadError, match="no config.json"):
         load_vlm(str(tmp_path / "empty"))
 
 
@@ -231,7 +233,7 @@ def _write_pairs(out, n=3, rejected_images=False):
 def test_precomputed_reference_logps_round_trip_and_are_keyed(tiny_vlm, tmp_path):
     import torch.utils.data as tud
 
-    from mmalign.adapters.vlm import REF_CACHE_NAME, reference_cache_producer
+    from mmalign.vlm.reference_cache import REF_CACHE_NAME, reference_cache_producer
     from mmalign.data import StaleCacheError, VLMPairDataset, collate_vlm_pairs
 
     path, _ = tiny_vlm

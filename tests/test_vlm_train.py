@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mmalign.toy.scenes import COLORS, sample_scenes
-from mmalign.vlm.loss import VLMMethodConfig, vlm_preference_loss
+from mmalign.vlm.task import VLMMethodConfig, vlm_preference_loss
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,8 @@ def _batch(pairs, n=4):
 @pytest.mark.parametrize("loss_type", ["sigmoid", "robust", "hinge", "ipo", "bco_pair", "sppo_hard", "nca_pair",
                                        "apo_zero", "apo_down"])
 def test_every_dpo_loss_type_matches_the_core_on_adapter_logps(toy_vlm, pairs, loss_type):
-    from mmalign.adapters.vlm import load_vlm, pair_rows
+    from mmalign.vlm.adapter import load_vlm
+    from mmalign.vlm.processing import pair_rows
     from mmalign.losses import dpo_loss
 
     adapter = load_vlm(toy_vlm, reference="copy")
@@ -70,7 +71,8 @@ def test_every_dpo_loss_type_matches_the_core_on_adapter_logps(toy_vlm, pairs, l
 
 
 def test_sft_term_rejected_images_and_mean_surrogate(toy_vlm, pairs):
-    from mmalign.adapters.vlm import load_vlm, pair_rows
+    from mmalign.vlm.adapter import load_vlm
+    from mmalign.vlm.processing import pair_rows
     from mmalign.losses import dpo_loss
 
     adapter = load_vlm(toy_vlm, reference="copy")
@@ -135,13 +137,13 @@ def test_lora_run_reference_is_the_base_and_the_adapter_loads_with_peft(toy_vlm,
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText
 
-    from mmalign.adapters.vlm import load_vlm
+    from mmalign.vlm.adapter import load_vlm
     from mmalign.train.trainer import train
 
     cfg = _config(toy_vlm, pairs, tmp_path, **{"model.lora": "{rank: 4, alpha: 8, dropout: 0.0}",
                                                "train.max_steps": 4})
     result = train(cfg)
-    from mmalign.adapters.vlm import pair_rows
+    from mmalign.vlm.processing import pair_rows
 
     batch = _batch(pairs)
     trained = load_vlm(toy_vlm, lora={"rank": 4, "alpha": 8, "dropout": 0.0}, reference="lora")
@@ -186,7 +188,7 @@ def test_config_errors_name_the_key(toy_vlm, pairs, tmp_path):
 
 
 def test_online_bdhs_mixes_regenerated_rejected_answers(toy_vlm, pairs):
-    from mmalign.adapters.vlm import load_vlm
+    from mmalign.vlm.adapter import load_vlm
 
     adapter = load_vlm(toy_vlm, reference="copy")
     batch = _batch(pairs, n=2)
@@ -209,3 +211,27 @@ def test_recipes_validate(path):
     assert cfg.task == "vlm"
     if "toy" not in path:
         assert cfg.method.beta == 0.1 and cfg.model.lora.rank == 128 and cfg.model.lora.alpha == 256
+
+
+def test_over_long_prompts_are_skipped_and_counted_not_taken_for_non_finite_losses(toy_vlm, pairs, tmp_path):
+    """Every prompt is longer than max_prompt_length: each micro-batch is dropped and counted under
+    skipped/prompt_too_long; the run completes (more than max_consecutive_nonfinite steps), nothing trains, no
+    non-finite step is counted. strict: the error itself."""
+    from transformers import AutoModelForImageTextToText
+
+    from mmalign.train.metrics import read_metrics
+    from mmalign.train.trainer import train
+    from mmalign.vlm.adapter import PromptTooLongError
+
+    result = train(_config(toy_vlm, pairs, tmp_path, **{"model.max_prompt_length": 10, "train.max_steps": 6,
+                                                         "train.max_consecutive_nonfinite": 2}))
+    rows = read_metrics(result.run_dir)
+    assert [r["skipped/prompt_too_long"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert result.skipped_batches == {"prompt_too_long": 6}
+    assert result.nonfinite_steps == 0 and all(r["nonfinite_steps"] == 0 for r in rows)
+    base = dict(AutoModelForImageTextToText.from_pretrained(toy_vlm).named_parameters())
+    for name, p in result.module.named_parameters():
+        assert torch.equal(p.detach(), base[name].detach()), name
+    with pytest.raises(PromptTooLongError, match="max_prompt_length=10"):
+        train(_config(toy_vlm, pairs, tmp_path / "strict", **{"model.max_prompt_length": 10,
+                                                               "data.strict": "true"}))

@@ -11,7 +11,7 @@ import argparse
 EVAL_COMMANDS: dict[str, tuple[str, str]] = {
     "reward": ("mmalign.eval.reward",
                "reward models vs labelled shards: pairwise accuracy, accuracy with ties, inversion score"),
-    "reward-toy": ("mmalign.rewards.proof",
+    "reward-toy": ("mmalign.eval.reward_toy",
                    "toy proof: RankDPO on data ranked by a learned reward model vs by the ground truth"),
     "vlm-toy": ("mmalign.vlm.proof", "toy proof of VLM DPO on STIC / BDHS pairs vs SFT-only, over seeds"),
 }

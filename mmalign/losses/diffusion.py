@@ -34,6 +34,7 @@ def diffusion_dpo_loss(
     ref_err_l: torch.Tensor,
     beta: float = 5000.0,
     loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Diffusion-DPO (Wallace et al. 2023): DPO with the denoising error as the negative log-likelihood surrogate.
 
@@ -45,8 +46,10 @@ def diffusion_dpo_loss(
         beta: > 0. The default 5000 (the paper's value for SD 1.5 / SDXL) assumes per-sample errors that are
             means over C, H, W; errors summed over pixels would need beta divided by the number of elements.
         loss_type: any ``dpo_loss`` type; the paper's loss is ``"sigmoid"``.
+        label_smoothing: as in ``dpo_loss`` (sigmoid and robust only; any other type raises if it is > 0).
 
-    Exactly ``dpo_loss(-err_w, -err_l, -ref_err_w, -ref_err_l, beta / 2, loss_type)``; for sigmoid::
+    Exactly ``dpo_loss(-err_w, -err_l, -ref_err_w, -ref_err_l, beta / 2, loss_type, label_smoothing)``; for
+    sigmoid without smoothing::
 
         z = -beta/2 · ((err_w - err_l) - (ref_err_w - ref_err_l)),   loss = mean(-logσ(z))
 
@@ -66,13 +69,13 @@ def diffusion_dpo_loss(
     tensors = (err_w, err_l, ref_err_w, ref_err_l)
     check_shapes(fn, _ERR_NAMES, tensors, "B")
     beta = check_positive(fn, "beta", beta)
-    _check_dpo_options(fn, loss_type, 0.0)
+    e = _check_dpo_options(fn, loss_type, label_smoothing)
     dtype = compute_dtype(*tensors)
     ew, el, rw, rl = (t.to(dtype) for t in tensors)
 
     dc = (-ew) - (-rw)
     dr = (-el) - (-rl)
-    loss = _pair_losses(dc, dr, beta / 2, loss_type, 0.0).mean()
+    loss = _pair_losses(dc, dr, beta / 2, loss_type, e).mean()
     metrics = _reward_metrics(dc, dr, beta / 2)
     metrics.update(_mse_metrics(ew, el, rw, rl))
     return loss, detached(metrics)

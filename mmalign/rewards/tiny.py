@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from mmalign.tiny import TOY_WORDS, word_clip_tokenizer
+from mmalign.models.tiny import TOY_WORDS, word_clip_tokenizer
 
 
 def tiny_clip_tokenizer(words=TOY_WORDS, model_max_length: int = 16):

@@ -206,9 +206,9 @@ def video_pair_loss(model: VideoRewardModel, batch: dict[str, Any], k: float = 5
     """Bradley-Terry-with-ties loss per dimension on a `collate_video_pairs` batch with decoded frames.
 
     labels[d] is P(A preferred): 1 -> label 1, 0 -> -1, 0.5 (same) -> tie 0. Loss = mean over the three dimensions
-    of `btt_loss(r_A[:, d], r_B[:, d], label_d, k)`; metrics `{d}/accuracy`, `{d}/loss`. With `gather`, rewards and
-    labels of every process are gathered first (`mmalign.rewards.train.gather_cat`): the loss is over the global
-    batch.
+    of `btt_loss(r_A[:, d], r_B[:, d], label_d, k)`; metrics `rewards/{d}/accuracy`, `rewards/{d}/loss` and
+    `rewards/accuracy` (the mean over dimensions). With `gather`, rewards and labels of every process are gathered
+    first (`mmalign.train.distributed.gather_cat`): the loss is over the global batch.
     """
     from mmalign.losses import btt_loss
 
@@ -222,7 +222,7 @@ def video_pair_loss(model: VideoRewardModel, batch: dict[str, Any], k: float = 5
     r_a, r_b = raw[:b], raw[b:]
     labels = {dim: batch["labels"][dim].to(raw.device) for dim in DIMENSIONS}
     if gather:
-        from mmalign.rewards.train import gather_cat
+        from mmalign.train.distributed import gather_cat
 
         r_a, r_b = gather_cat(r_a), gather_cat(r_b)
         labels = {dim: gather_cat(v) for dim, v in labels.items()}
@@ -231,10 +231,10 @@ def video_pair_loss(model: VideoRewardModel, batch: dict[str, Any], k: float = 5
         label = labels[dim] * 2 - 1  # 1 -> 1, 0 -> -1, 0.5 -> 0
         loss, m = btt_loss(r_a[:, j], r_b[:, j], label, k=k)
         losses.append(loss)
-        metrics[f"{dim}/loss"] = loss.detach()
-        metrics[f"{dim}/accuracy"] = m["accuracy"]
+        metrics[f"rewards/{dim}/loss"] = loss.detach()
+        metrics[f"rewards/{dim}/accuracy"] = m["accuracy"]
     total = torch.stack(losses).mean()
-    metrics["loss"] = total.detach()
+    metrics["rewards/accuracy"] = torch.stack([metrics[f"rewards/{d}/accuracy"] for d in DIMENSIONS]).mean()
     return total, metrics
 
 

@@ -11,8 +11,8 @@ import argparse
 SELFGEN_COMMANDS: dict[str, tuple[str, str]] = {
     "ranked": ("mmalign.selfgen.ranked",
                "K images per prompt from diffusers generators, ranked by several reward models -> ranked shards"),
-    "stic": ("mmalign.selfgen.stic", "STIC: VLM preference pairs from unlabeled images (+ stage-2 SFT rows)"),
-    "bdhs": ("mmalign.selfgen.bdhs", "BDHS: VLM rejected answers with the image mostly hidden -> vlm_pair shards"),
+    "stic": ("mmalign.vlm.stic", "STIC: VLM preference pairs from unlabeled images (+ stage-2 SFT rows)"),
+    "bdhs": ("mmalign.vlm.bdhs", "BDHS: VLM rejected answers with the image mostly hidden -> vlm_pair shards"),
 }
 
 

@@ -186,30 +186,6 @@ def build_ranked_set(prompts: Sequence[str], generators: Sequence[ImageGenerator
     return manifest
 
 
-def read_prompts(path: str | os.PathLike, limit: int | None = None) -> list[str]:
-    """Prompts from a `.txt` file (one per line, blank lines skipped) or `.jsonl` (a "prompt" or "caption" field)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: prompts file not found")
-    prompts: list[str] = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        if path.suffix == ".jsonl":
-            row = json.loads(line)
-            text = row.get("prompt", row.get("caption")) if isinstance(row, dict) else None
-            if not isinstance(text, str):
-                raise ValueError(f"{path}:{n}: each JSON line needs a string 'prompt' (or 'caption') field")
-            prompts.append(text)
-        else:
-            prompts.append(line.strip())
-        if limit is not None and len(prompts) >= limit:
-            break
-    if not prompts:
-        raise ValueError(f"{path}: no prompts")
-    return prompts
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--generators", required=True,
                         help="comma-separated diffusers pipelines (folders or hub ids); image j of a prompt comes "
@@ -237,6 +213,8 @@ def run(args: argparse.Namespace) -> int:
     from mmalign.rewards.registry import load_scorer
 
     try:
+        from mmalign.data.prompts import read_prompts
+
         prompts = read_prompts(args.prompts, args.limit)
         scorers = [load_scorer(s, device=args.device) for s in scorer_specs(args.scorers)]
         generators: list[Callable] = [

@@ -24,7 +24,7 @@ METHODS = ("sft", "dpo", "mapo", "rankdpo")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from mmalign.quickstart import BASE_MODEL
+    from mmalign.toy.recipe import BASE_MODEL
 
     parser.add_argument("--out", default="runs/bench-toy", help="output folder (default: runs/bench-toy)")
     parser.add_argument("--base", default=str(BASE_MODEL), help="base pipeline folder (default: assets/toy/t2i)")
@@ -68,7 +68,7 @@ def method_overrides(method: str, out: Path, batch_size: int, images_per_prompt:
 
 def bench(out: Path, base: str, methods: list[str], n_seeds: int, n_prompts: int, k: int, n_eval: int,
           sample_steps: int, overrides: list[str]) -> dict:
-    from mmalign.quickstart import training_config
+    from mmalign.toy.recipe import training_config
     from mmalign.toy import experiment as ex
     from mmalign.toy.pipeline import ToyT2IPipeline
     from mmalign.toy.scenes import prompt_seed_pairs

@@ -96,7 +96,7 @@ def build_toy_t2i(seed: int = 0, text_width: int = 64) -> ToyT2IPipeline:
     8x8 and in the mid block, GroupNorm 8; a 1-layer CLIP text encoder over the toy-word tokenizer."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from mmalign.tiny import word_clip_tokenizer
+    from mmalign.models.tiny import word_clip_tokenizer
 
     torch.manual_seed(seed)
     tokenizer = word_clip_tokenizer(model_max_length=8)  # "a {color} {shape} on the {position}" + BOS/EOS = 8

@@ -33,9 +33,9 @@ def run(args: argparse.Namespace) -> int:
         print("mmalign train --cache-only: run it in one process (python -m mmalign.cli train CONFIG "
               "--cache-only), not under a multi-process launcher: one writer builds the cache", file=sys.stderr)
         return 2
-    from mmalign.adapters.t2i import ModelLoadError
     from mmalign.data.cache import StaleCacheError
     from mmalign.data.manifest import ManifestError
+    from mmalign.models.loading import ModelLoadError
     from mmalign.train.tasks import task_for
     from mmalign.train.trainer import TrainingError, train
 

@@ -26,8 +26,8 @@ parameters train (LoRA, frozen parts, EMA, dtypes), how batches are read, the lo
            def compute_loss(cfg, model, module, unwrapped, batch, generator): ...   # -> (loss, metrics)
            def save_final(self, unwrapped, run_dir): ...                          # -> {"name": path}
 
-3. Register it with one line in `TASKS` below (`"reward": "mmalign.rewards.train:RewardTask"`), or at run time
-   with `register_task("reward", "mmalign.rewards.train:RewardTask")`. The module is imported only when a config
+3. Register it with one line in `TASKS` below (`"reward": "mmalign.rewards.task:RewardTask"`), or at run time
+   with `register_task("reward", "mmalign.rewards.task:RewardTask")`. The module is imported only when a config
    asks for that task, so `mmalign.train` never imports your package eagerly.
 
 Then `mmalign train CONFIG`, `--print-config`, `key=value` overrides, checkpoints and `run.resume=latest` work for
@@ -48,10 +48,22 @@ from mmalign.train.config import BaseTrainConfig
 
 # task name -> "module:attribute" of its Task subclass, imported on first use.
 TASKS: dict[str, str] = {
-    "t2i": "mmalign.train.t2i:T2ITask",
-    "reward": "mmalign.rewards.train:RewardTask",
+    "t2i": "mmalign.t2i.task:T2ITask",
     "vlm": "mmalign.vlm.task:VLMTask",
+    "reward": "mmalign.rewards.task:RewardTask",
 }
+
+
+class SkipBatch(Exception):
+    """Raised by `compute_loss` for a micro-batch that cannot be used (e.g. a prompt over the length limit, in
+    non-strict mode). The loop drops it on every process (no backward, no optimizer step from it), counts it under
+    the metric `skipped/<reason>` and goes on; it is never counted as a non-finite loss.
+
+    reason: a short metric-safe name (`prompt_too_long`); the message says which sample and why."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass
@@ -85,6 +97,8 @@ class Task:
     """
 
     config_class: ClassVar[type[BaseTrainConfig]]
+    # metrics shown beside the loss on the progress bar, when the step logs them
+    progress_metrics: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: BaseTrainConfig):
         if not isinstance(cfg, self.config_class):
@@ -108,7 +122,8 @@ class Task:
         """One micro-batch -> (scalar loss tensor, {metric name: scalar tensor}). A pure function of its inputs:
         `model` is `Built.model`, `module` the (possibly wrapped) trainable module to run forward through,
         `unwrapped` the bare module (to toggle adapters, read config), `generator` the only randomness (a CPU
-        torch.Generator seeded from the run position). Metric names must be the same on every process."""
+        torch.Generator seeded from the run position). Metric names must be the same on every process. A
+        micro-batch that cannot be used raises `SkipBatch` (counted, never a NaN loss)."""
         raise NotImplementedError
 
     def save_final(self, unwrapped, run_dir: Path) -> dict[str, str]:
@@ -186,12 +201,12 @@ def task_for(cfg: BaseTrainConfig) -> Task:
     return get_task(cfg.task)(cfg)
 
 
-def load_train_config(path: str | os.PathLike | None, overrides=(), defaults: dict | None = None
-                      ) -> BaseTrainConfig:
+def load_train_config(path: str | os.PathLike | None, overrides=(), defaults: dict | None = None,
+                      source: str | None = None) -> BaseTrainConfig:
     """Load a recipe for whichever task its `task:` key names (default t2i) and validate it with that task's
-    config class. `defaults` (a dict) is used instead of a file when `path` is None."""
+    config class. `defaults` (a dict) is used instead of a file when `path` is None; `source` names it in errors."""
     data = load_yaml(path) if path is not None else dict(defaults or {})
-    source = str(path) if path is not None else "<defaults>"
+    source = str(path) if path is not None else (source or "<defaults>")
     data, touched = apply_overrides(data, overrides)
     name = data.get("task", "t2i")
     where = "command line" if "task" in touched else source

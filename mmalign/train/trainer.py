@@ -18,7 +18,7 @@ from __future__ import annotations
 import inspect
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +29,7 @@ from mmalign.config import write_resolved_config
 from mmalign.train import checkpoint as ckpt
 from mmalign.train.config import BaseTrainConfig
 from mmalign.train.metrics import MetricsLogger
-from mmalign.train.tasks import Task, get_task, task_for
+from mmalign.train.tasks import SkipBatch, Task, get_task, task_for
 
 
 class TrainingError(RuntimeError):
@@ -56,6 +56,8 @@ class TrainState:
     consecutive_nonfinite: int = 0
     # train.batch_size x processes of the run that saved (None in checkpoints written before it was recorded)
     samples_per_micro_step: int | None = None
+    # micro-batches a task skipped (`SkipBatch`), by reason, on this process
+    skipped_batches: dict[str, int] = field(default_factory=dict)
 
 
 def build_optimizer(cfg: BaseTrainConfig, params: list[Tensor], num_processes: int):
@@ -112,11 +114,7 @@ class TrainResult:
     nonfinite_steps: int
     module: torch.nn.Module  # the trained (unwrapped) module of this process
     keys_seen: list[str]  # sample keys this process consumed, in order
-
-    @property
-    def unet(self) -> torch.nn.Module:
-        """The trained module under the name text-to-image callers use."""
-        return self.module
+    skipped_batches: dict[str, int]  # micro-batches the task skipped on this process, by reason (`SkipBatch`)
 
 
 def train(cfg: BaseTrainConfig) -> TrainResult:
@@ -208,10 +206,22 @@ def train(cfg: BaseTrainConfig) -> TrainResult:
         gen = step_generator(cfg.run.seed, state.global_step, micro_in_step, accelerator.process_index)
         micro_in_step += 1
         with accelerator.accumulate(module):
+            skip = None
             with accelerator.autocast():
-                loss, metrics = compute_loss(cfg, built.model, module, unwrapped, batch, gen)
-            finite = torch.tensor(float(torch.isfinite(loss).item()), device=device)
-            all_finite = bool(accelerator.reduce(finite, reduction="sum").item() == accelerator.num_processes)
+                try:
+                    loss, metrics = compute_loss(cfg, built.model, module, unwrapped, batch, gen)
+                except SkipBatch as err:
+                    skip, loss, metrics = err, None, {}
+            if skip is not None:
+                state.skipped_batches[skip.reason] = state.skipped_batches.get(skip.reason, 0) + 1
+                accelerator.print(f"skipping a micro-batch at step {state.global_step} ({skip.reason}): {skip}")
+            # [finite loss, skipped] summed over processes: a micro-batch is dropped everywhere if any process
+            # skipped it or got a non-finite loss (a backward on only some processes would hang DDP).
+            flags = torch.tensor([float(skip is None and bool(torch.isfinite(loss).item())), float(skip is not None)],
+                                 device=device)
+            flags = accelerator.reduce(flags, reduction="sum")
+            all_finite = bool(flags[0].item() == accelerator.num_processes)
+            any_skipped = bool(flags[1].item() > 0)
             if all_finite:
                 accelerator.backward(loss)
             grad_norm = None
@@ -223,7 +233,9 @@ def train(cfg: BaseTrainConfig) -> TrainResult:
                     lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
         window_samples += task.num_samples(batch) * accelerator.num_processes
-        if not all_finite:
+        if any_skipped:
+            pass  # counted under skipped/<reason>; not a non-finite loss
+        elif not all_finite:
             state.nonfinite_steps += 1
             state.consecutive_nonfinite += 1
             if state.consecutive_nonfinite >= cfg.train.max_consecutive_nonfinite:
@@ -243,8 +255,9 @@ def train(cfg: BaseTrainConfig) -> TrainResult:
         progress.update(1)
         if state.global_step % cfg.train.log_every == 0 or state.global_step == cfg.train.max_steps:
             elapsed = time.perf_counter() - window_start
-            row = {k: float(accelerator.reduce(v.detach().float().to(device), reduction="mean").item())
-                   for k, v in sorted(metrics.items())}
+            row = {} if any_skipped else {
+                k: float(accelerator.reduce(v.detach().float().to(device), reduction="mean").item())
+                for k, v in sorted(metrics.items())}
             row["loss"] = float(accelerator.reduce(loss.detach().float(), reduction="mean").item()) \
                 if all_finite else float("nan")
             row["lr"] = lr_scheduler.get_last_lr()[0]
@@ -256,9 +269,12 @@ def train(cfg: BaseTrainConfig) -> TrainResult:
             row["time/data_wait_fraction"] = window_wait_s / max(window_step_s, 1e-12)
             row["skipped_samples"] = state.skipped_samples
             row["nonfinite_steps"] = state.nonfinite_steps
+            for reason, count in skipped_batch_counts(state, accelerator).items():
+                row[f"skipped/{reason}"] = count
             logger.log(state.global_step, row)
             last_metrics = row
-            progress.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row.get('rewards/accuracies', float('nan')):.2f}")
+            progress.set_postfix({"loss": f"{row['loss']:.4f}",
+                                  **{k: f"{row[k]:.3g}" for k in task.progress_metrics if k in row}})
             window_samples, window_start = 0, time.perf_counter()
             window_steps, window_step_s, window_wait_s = 0, 0.0, 0.0
         every = cfg.train.checkpoint_every
@@ -281,7 +297,22 @@ def train(cfg: BaseTrainConfig) -> TrainResult:
     logger.close()
     accelerator.wait_for_everyone()
     return TrainResult(state.global_step, last_metrics, str(run_dir), outputs, state.skipped_samples,
-                       state.nonfinite_steps, unwrapped, keys_seen)
+                       state.nonfinite_steps, unwrapped, keys_seen, dict(state.skipped_batches))
+
+
+def skipped_batch_counts(state: TrainState, accelerator) -> dict[str, int]:
+    """Micro-batches skipped so far by reason, summed over processes (every process calls this)."""
+    counts = dict(state.skipped_batches)
+    if accelerator.num_processes > 1:
+        import torch.distributed as dist
+
+        parts: list = [None] * accelerator.num_processes
+        dist.all_gather_object(parts, counts)
+        counts = {}
+        for part in parts:
+            for reason, n in part.items():
+                counts[reason] = counts.get(reason, 0) + n
+    return dict(sorted(counts.items()))
 
 
 def check_optimizer_placement(cfg: BaseTrainConfig, accelerator) -> None:
@@ -330,11 +361,3 @@ def save_training_checkpoint(cfg: BaseTrainConfig, accelerator, run_dir: Path, s
                                cfg.train.checkpoints_total_limit, stateful)
     accelerator.wait_for_everyone()
 
-
-def __getattr__(name: str):
-    # Text-to-image helpers that used to live here; imported lazily so the loop does not load diffusers.
-    if name in ("build_adapter", "build_pipeline"):
-        from mmalign.train import t2i
-
-        return getattr(t2i, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

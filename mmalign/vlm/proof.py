@@ -38,9 +38,9 @@ TOY_METHODS = {"dpo_sft": {"name": "dpo", "beta": 0.5, "sft_weight": 1.0, "sft_r
 def make_pairs(model: str, out: Path, kind: str, n: int, seed: int, batch_size: int = 64,
                bdhs_threshold: float = 0.97) -> dict:
     """STIC or BDHS pairs of the toy VLM into `out` (vlm_pair shards; the counts go to its manifest)."""
-    from mmalign.adapters.vlm import load_vlm
+    from mmalign.vlm.adapter import load_vlm
     from mmalign.selfgen.corrupt import Corruption
-    from mmalign.selfgen.stic import STICConfig, stic_pairs, toy_image_items, write_pairs
+    from mmalign.vlm.stic import STICConfig, stic_pairs, toy_image_items, write_pairs
     from mmalign.vlm.toy import TOY_PLAIN_PROMPT, TOY_STEP_PROMPT
 
     adapter = load_vlm(model)
@@ -51,7 +51,7 @@ def make_pairs(model: str, out: Path, kind: str, n: int, seed: int, batch_size: 
                          max_new_tokens=10, batch_size=batch_size, seed=seed)
         samples = stic_pairs(adapter, toy_image_items(n, seed=1000 + seed), cfg)
     else:
-        from mmalign.selfgen.bdhs import BDHSConfig, bdhs_pairs, toy_rows
+        from mmalign.vlm.bdhs import BDHSConfig, bdhs_pairs, toy_rows
         from mmalign.selfgen.embed import load_embedder
 
         cfg = BDHSConfig(rho=0.99, similarity_threshold=bdhs_threshold, max_new_tokens=10, batch_size=batch_size,
@@ -103,7 +103,7 @@ def pair_differences(shards: Path) -> dict[str, Any]:
 
 def evaluate(model: str, scenes, cache: Path) -> dict[str, float]:
     """Metrics of `model` on `scenes`, kept in `cache` (JSON) so an interrupted proof resumes where it stopped."""
-    from mmalign.adapters.vlm import load_vlm
+    from mmalign.vlm.adapter import load_vlm
     from mmalign.config import atomic_write_text
     from mmalign.vlm.toy import evaluate_toy
 

@@ -1,27 +1,146 @@
 """The VLM training task (`task: vlm`): preference (DPO family) or SFT training of a LLaVA-/Qwen2-VL-style model
 on `vlm_pair` shards, driven by the one training loop (`mmalign.train.trainer`).
 
-The task is thin: `build` loads the model through `mmalign.adapters.vlm.load_vlm` (LoRA or full fine-tune, vision
+The task is thin: `build` loads the model through `mmalign.vlm.adapter.load_vlm` (LoRA or full fine-tune, vision
 tower frozen by default, reference by disabled LoRA / frozen copy / precomputed log-probs), `batches` reads the
-shards with `VLMPairDataset`, `compute_loss` is `mmalign.vlm.loss.vlm_preference_loss`, and `save_final` writes
+shards with `VLMPairDataset`, `compute_loss` is `vlm_preference_loss` (below), and `save_final` writes
 the model (full fine-tune: `model/` with its processor, loadable with `from_pretrained`; LoRA: `lora/`, a peft
 adapter for `PeftModel.from_pretrained(base, folder)`, plus the processor).
 
     mmalign train configs/vlm/toy_stic_dpo.yaml data.shards=runs/stic_pairs
+
+The objective (`vlm_preference_loss`):
+
+Per pair (prompt x with images I, chosen y_w, rejected y_l), the adapter gives response log-likelihoods under the
+policy and the reference; the loss is `mmalign.losses.dpo_loss` on them (every `loss_type` of the core), plus:
+
+- `sft_weight`: `+ sft_weight · NLL(y_w)`, the chosen answer's negative log-likelihood under the policy, as a
+  summed (`sft_reduction="sum"`, the scale of the DPO surrogate) or per-token mean (`"mean"`, the scale of an SFT
+  loss) log-probability, averaged over the batch. TOY-NOTES: this term is what kept pure DPO from collapsing the
+  caption format;
+- `rejected_images` (mDPO-style conditional preference): a second pair per sample, the chosen answer under the clean
+  image preferred to the same answer under the sample's `rejected.<i>` image(s), weighted by
+  `rejected_images_weight`;
+- `online_weight` (BDHS online mode): rejected answers regenerated from the current policy with the image mostly
+  hidden (`mmalign.vlm.bdhs.bdhs_rejected`), mixed as `(1 - w) · offline + w · online`.
+
+`surrogate="mean"` uses per-token mean log-probs instead of sums (length-normalised variants). `name="sft"` is the
+SFT-only control: the chosen answers' NLL alone (no reference, no rejected answers).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator, Literal, Optional
+from typing import Any, Iterator, Literal, Optional
 
 import torch
 from pydantic import Field, model_validator
 
 from mmalign.config import StrictModel
+from mmalign.losses import DPO_LOSS_TYPES
+from mmalign.methods import METHODS, check_method, preference_loss
+from mmalign.models.reference import ReferenceChoice, resolve_reference
 from mmalign.train.config import BaseTrainConfig
-from mmalign.train.tasks import Built, Task
-from mmalign.vlm.loss import VLMMethodConfig, vlm_preference_loss
+from mmalign.train.tasks import Built, SkipBatch, Task
+from mmalign.vlm.adapter import LLM_LORA_TARGETS, PromptTooLongError, VLMAdapter, load_vlm
+from mmalign.vlm.reference_cache import REF_CACHE_NAME, precompute_reference_logps, reference_cache_producer
+
+
+class VLMMethodConfig(StrictModel):
+    name: Literal["dpo", "sft"] = Field("dpo", description="dpo = DPO family on response log-probs (+ optional "
+                                                           "SFT term); sft = the chosen answers' NLL only (the "
+                                                           "SFT-only control).")
+    beta: float = Field(0.1, gt=0, description="KL strength; 0.1 is the published setting for STIC and BDHS "
+                                               "(summed response log-probs).")
+    loss_type: str = Field("sigmoid", description=f"DPO variant (TRL's names), one of {', '.join(DPO_LOSS_TYPES)}.")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="Only for loss types sigmoid and robust.")
+    surrogate: Literal["sum", "mean"] = Field("sum", description="Response log-likelihood: sum over tokens (DPO) "
+                                                                 "or per-token mean (length-normalised).")
+    sft_weight: float = Field(0.0, ge=0.0, description="Weight of the chosen answers' NLL added to the DPO loss; "
+                                                       "0 = pure DPO.")
+    sft_reduction: Literal["sum", "mean"] = Field("mean", description="NLL of the SFT term per sample: summed "
+                                                                      "over response tokens or their mean.")
+    rejected_images: bool = Field(False, description="mDPO-style: also prefer the chosen answer under the clean "
+                                                     "image to it under the sample's rejected images.")
+    rejected_images_weight: float = Field(1.0, ge=0.0)
+    online_weight: float = Field(0.0, ge=0.0, le=1.0, description="BDHS online mode: share of the loss from "
+                                                                  "pairs whose rejected answers the current "
+                                                                  "policy regenerates each step (0 = offline).")
+    online_rho: float = Field(0.99, ge=0.0, le=1.0, description="Online BDHS: share of image tokens hidden.")
+    online_max_new_tokens: int = Field(32, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "VLMMethodConfig":
+        check_method(self.name, "logp", self.loss_type, self.label_smoothing, where="method")
+        if self.name == "sft" and (self.rejected_images or self.online_weight):
+            raise ValueError("method.name 'sft' uses the chosen answers only; rejected_images and online_weight "
+                             "need 'dpo'")
+        return self
+
+
+def _online_rejected(adapter, batch: dict, method: VLMMethodConfig, generator: torch.Generator) -> list[str]:
+    from mmalign.vlm.bdhs import BDHSConfig, bdhs_rejected
+    from mmalign.selfgen.embed import load_embedder
+
+    seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
+    rows = [{"key": k, "images": ims, "prompt": p, "chosen": c}
+            for k, ims, p, c in zip(batch["keys"], batch["images"], batch["prompts"], batch["chosen"])]
+    cfg = BDHSConfig(rho=method.online_rho, max_new_tokens=method.online_max_new_tokens, seed=seed,
+                     batch_size=len(rows))
+    results = bdhs_rejected(adapter, rows, cfg, load_embedder("vlm", adapter))
+    # An empty answer cannot be scored as a response; fall back to the offline rejected answer for that row.
+    return [r["rejected"] or off for r, off in zip(results, batch["rejected"])]
+
+
+def vlm_preference_loss(adapter, batch: dict[str, Any], method: VLMMethodConfig, policy=None,
+                        generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One `collate_vlm_pairs` batch -> (loss, metrics): the adapter's surrogates through the method table.
+    `policy` is the module to run forward through (a DDP-wrapped policy in the trainer; default `adapter.model`);
+    `generator` seeds online generation.
+
+    Metrics (TRL names): rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies, logps/chosen,
+    logps/rejected, plus sft/nll, tokens/chosen, tokens/rejected; `image/...` for the rejected-image pair and
+    `online/...` for online pairs.
+    """
+    policy = adapter.model if policy is None else policy
+    if method.name == "sft":
+        s = adapter.surrogates(policy, batch, with_reference=False, chosen_only=True)
+        nll, _ = preference_loss("sft", s.per_token() if method.sft_reduction == "mean" else s, beta=1.0)
+        return nll, {"sft/nll": nll.detach(), "logps/chosen": s.policy[0].mean().detach(),
+                     "tokens/chosen": s.counts[0].float().mean()}
+
+    online = method.online_weight > 0
+    extra = None
+    if online:
+        extra = _online_rejected(adapter, batch, method, generator or torch.Generator().manual_seed(0))
+    s = adapter.surrogates(policy, batch, with_reference=True, rejected_images=method.rejected_images,
+                           extra_rejected=extra)
+    scored = s.per_token() if method.surrogate == "mean" else s
+
+    def pair(w: int, l: int):
+        return preference_loss("dpo", scored.rows(w, l), beta=method.beta, loss_type=method.loss_type,
+                               label_smoothing=method.label_smoothing)
+
+    loss, metrics = pair(0, 1)
+    metrics = dict(metrics)
+    if method.rejected_images:
+        loss_img, m_img = pair(0, 2)
+        loss = loss + method.rejected_images_weight * loss_img
+        metrics.update({f"image/{k}": v for k, v in m_img.items() if k.startswith("rewards/")})
+    if online:
+        j = 3 if method.rejected_images else 2
+        loss_on, m_on = pair(0, j)
+        loss = (1 - method.online_weight) * loss + method.online_weight * loss_on
+        metrics.update({f"online/{k}": v for k, v in m_on.items() if k.startswith("rewards/")})
+    nll_source = s.per_token() if method.sft_reduction == "mean" else s
+    nll = -nll_source.policy[0].mean()
+    if method.sft_weight > 0:
+        loss = loss + method.sft_weight * nll
+    metrics["sft/nll"] = nll.detach()
+    metrics["tokens/chosen"] = s.counts[0].float().mean()
+    metrics["tokens/rejected"] = s.counts[1].float().mean()
+    return loss, metrics
+
 
 
 class VLMLoraConfig(StrictModel):
@@ -29,7 +148,7 @@ class VLMLoraConfig(StrictModel):
     alpha: float = Field(256.0, gt=0, description="LoRA alpha (published: 256, scale 2).")
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        default_factory=lambda: list(LLM_LORA_TARGETS),
         description="Linear layers of the language model to adapt (the vision tower is never adapted).")
 
 
@@ -40,10 +159,10 @@ class VLMModelConfig(StrictModel):
                                                                                   "CPU (the safe default).")
     lora: Optional[VLMLoraConfig] = Field(None, description="null = full fine-tune of the trainable groups; set = "
                                                             "LoRA on the language model.")
-    reference: Literal["auto", "lora", "copy", "precomputed"] = Field(
+    reference: ReferenceChoice = Field(
         "auto", description="auto = lora with LoRA (adapters disabled, no second copy), else copy (a frozen copy "
                             "in memory); precomputed = read reference log-probs from the shards' cache "
-                            "(`mmalign.adapters.vlm.precompute_reference_logps`; built by --cache-only).")
+                            "(`mmalign.vlm.reference_cache`; built by --cache-only). SFT uses none.")
     train_vision: bool = Field(False, description="Train the vision tower (frozen by default).")
     train_projector: bool = Field(True, description="Train the projector (with LoRA: as a full trainable copy).")
     train_llm: bool = Field(True, description="Train the language model (full fine-tune only; with LoRA the LLM "
@@ -76,21 +195,21 @@ class VLMTrainConfig(BaseTrainConfig):
         if self.model.reference == "lora" and self.model.lora is None:
             raise ValueError("model.reference 'lora' needs model.lora; use 'copy' or 'precomputed' for full "
                              "fine-tunes")
+        self.reference_mode()
         if self.model.reference == "precomputed" and self.method.online_weight > 0:
             raise ValueError("method.online_weight > 0 scores answers generated during training; it needs a live "
                              "reference (model.reference lora or copy)")
         return self
 
     def reference_mode(self) -> str:
-        if self.method.name == "sft":
-            return "none"
-        if self.model.reference == "auto":
-            return "lora" if self.model.lora is not None else "copy"
-        return self.model.reference
+        """The reference this run uses: lora, copy, precomputed or none (`resolve_reference`)."""
+        return resolve_reference(self.model.reference, lora=self.model.lora is not None,
+                                 needs_reference=METHODS[self.method.name].needs_reference)
 
 
 class VLMTask(Task):
     config_class = VLMTrainConfig
+    progress_metrics = ("rewards/accuracies",)
 
     def check_inputs(self) -> None:
         from mmalign.data.manifest import load_manifest
@@ -100,9 +219,7 @@ class VLMTask(Task):
             raise ValueError(f"data.shards {self.cfg.data.shards}: schema {manifest.schema_name!r}; the vlm task "
                              "reads vlm_pair shards")
 
-    def _load(self, device, reference: str, lora: bool = True):
-        from mmalign.adapters.vlm import load_vlm
-
+    def _load(self, device, reference: str, lora: bool = True) -> VLMAdapter:
         m = self.cfg.model
         return load_vlm(m.pretrained, revision=m.revision, dtype=m.dtype, max_length=m.max_length,
                         max_prompt_length=m.max_prompt_length, reference=reference,
@@ -118,8 +235,6 @@ class VLMTask(Task):
         return Built(module=model, params=[p for p in model.parameters() if p.requires_grad], model=self.adapter)
 
     def _producer(self):
-        from mmalign.adapters.vlm import REF_CACHE_NAME, reference_cache_producer
-
         return {REF_CACHE_NAME: reference_cache_producer(self.adapter, self.cfg.method.rejected_images)}
 
     def batches(self, rank: int, world_size: int, skip: int) -> Iterator[dict]:
@@ -137,19 +252,14 @@ class VLMTask(Task):
 
     @staticmethod
     def compute_loss(cfg, model, module, unwrapped, batch: dict, generator) -> tuple[torch.Tensor, dict]:
-        """`model` is the `VLMAdapter`; `module` the (possibly wrapped) policy to run forward through."""
-        from mmalign.adapters.vlm import PromptTooLongError
-
+        """`model` is the `VLMAdapter`; `module` the (possibly wrapped) policy to run forward through. A
+        micro-batch with an over-long prompt is skipped and counted (`skipped/prompt_too_long`); strict: an error."""
         try:
             return vlm_preference_loss(model, batch, cfg.method, policy=module, generator=generator)
         except PromptTooLongError as err:
             if cfg.data.strict:
                 raise
-            # A whole micro-batch is dropped: a non-finite loss is skipped and counted by the loop.
-            import logging
-
-            logging.getLogger("mmalign.train").warning("skipping a micro-batch: %s", err)
-            return torch.tensor(float("nan"), device=next(model.model.parameters()).device), {}
+            raise SkipBatch("prompt_too_long", str(err)) from err
 
     def save_final(self, unwrapped, run_dir: Path) -> dict[str, str]:
         from mmalign.train.checkpoint import atomic_dir
@@ -167,8 +277,6 @@ class VLMTask(Task):
 
     def build_cache(self) -> Path:
         """`--cache-only`: precompute the reference log-probs into the shards' cache (reference 'precomputed')."""
-        from mmalign.adapters.vlm import precompute_reference_logps
-
         if self.cfg.model.reference != "precomputed":
             raise ValueError("--cache-only builds the reference log-prob cache; set model.reference=precomputed")
         device = "cuda" if torch.cuda.is_available() else "cpu"

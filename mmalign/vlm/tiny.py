@@ -5,7 +5,7 @@ They are the real transformers classes (`LlavaForConditionalGeneration` + `Llava
 `LlavaNextForConditionalGeneration` + `LlavaNextProcessor`, `Qwen2VLForConditionalGeneration` +
 `Qwen2VLProcessor`) with small widths, a byte-level BPE tokenizer trained in code (it round-trips any text;
 toy-world words become single tokens) and a chat template in the family's style.
-`save_pretrained` writes a folder that `mmalign.adapters.vlm.load_vlm` loads through the same
+`save_pretrained` writes a folder that `mmalign.vlm.adapter.load_vlm` loads through the same
 `from_pretrained` code a real checkpoint uses. Nothing here downloads anything.
 """
 
@@ -167,7 +167,7 @@ def tiny_qwen2_vl(image_size: int = 56, patch_size: int = 14, merge_size: int = 
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from mmalign.adapters.vlm import image_only_qwen2_vl_processor_class
+    from mmalign.vlm.processing import image_only_qwen2_vl_processor_class
 
     tokenizer = bpe_tokenizer(QWEN2_VL_SPECIAL, corpus, pad_token="<|endoftext|>", eos_token="<|im_end|>")
     tokenizer.padding_side = "left"

@@ -41,8 +41,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from mmalign.adapters.vlm import load_vlm
-    from mmalign.selfgen.stic import STICConfig, stic_pairs, toy_image_items
+    from mmalign.vlm.adapter import load_vlm
+    from mmalign.vlm.stic import STICConfig, stic_pairs, toy_image_items
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -37,7 +37,7 @@ CONDITIONS = ("learned", "truth")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from mmalign.quickstart import BASE_MODEL
+    from mmalign.toy.recipe import BASE_MODEL
 
     parser.add_argument("--out", default="runs/reward-toy", help="output folder (default: runs/reward-toy)")
     parser.add_argument("--base", default=str(BASE_MODEL), help="base pipeline folder (default: assets/toy/t2i)")
@@ -229,7 +229,7 @@ def reward_toy(out: Path, base: str, *, seeds: int = 1, rm_pairs: int = 8192, rm
                conditions: Sequence[str] = CONDITIONS, progress: bool = True) -> dict:
     """Run the stages of the module docstring; returns the report (also in `out/report.json`)."""
     from mmalign.config import ConfigError
-    from mmalign.quickstart import training_config
+    from mmalign.toy.recipe import training_config
     from mmalign.rewards.evaluate import evaluate_reward
     from mmalign.rewards.registry import load_scorer
     from mmalign.selfgen.ranked import build_ranked_set

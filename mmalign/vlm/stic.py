@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -35,7 +34,14 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from mmalign.selfgen.corrupt import DEFAULT_CORRUPTIONS, Corruption, CorruptionNoOpError, corrupt_image
+from mmalign.data.prompts import read_prompts
+from mmalign.selfgen.common import chunked
+from mmalign.selfgen.corrupt import (
+    DEFAULT_CORRUPTIONS,
+    Corruption,
+    CorruptionNoOpError,
+    corrupt_image,
+)
 
 logger = logging.getLogger("mmalign.selfgen")
 
@@ -56,18 +62,6 @@ PLAIN_PROMPTS = (
     "Provide a brief description of the picture.",
 )
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-
-
-def read_prompts(path: str | os.PathLike) -> tuple[str, ...]:
-    """One prompt per line; blank lines and lines starting with '#' are ignored."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"prompt file {p} not found (one prompt per line)")
-    prompts = tuple(line.strip() for line in p.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and not line.lstrip().startswith("#"))
-    if not prompts:
-        raise ValueError(f"prompt file {p} holds no prompt (one per line; '#' starts a comment)")
-    return prompts
 
 
 @dataclass
@@ -127,17 +121,6 @@ def _plan(index: int, key: str, image, cfg: STICConfig) -> _Plan:
     return _Plan(key, image, describe, pair_prompt, prompt, corrupted, "image_corruption", record)
 
 
-def _batches(items: Iterable, n: int) -> Iterator[list]:
-    batch = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == n:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 def stic_pairs(adapter, images: Iterable[tuple[str, Any]], cfg: STICConfig) -> Iterator[dict[str, bytes]]:
     """`vlm_pair` samples (sorted as `images`) from `(key, PIL image)` items; skips are counted in `cfg.counts`
     (`strict` raises instead)."""
@@ -145,7 +128,7 @@ def stic_pairs(adapter, images: Iterable[tuple[str, Any]], cfg: STICConfig) -> I
 
     gen = dict(max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample, temperature=cfg.temperature,
                top_p=cfg.top_p)
-    for b, batch in enumerate(_batches(enumerate(images), cfg.batch_size)):
+    for b, batch in enumerate(chunked(enumerate(images), cfg.batch_size)):
         plans = []
         for index, (key, image) in batch:
             try:
@@ -272,7 +255,7 @@ def stic_stage2(adapter, instructions: str, image_root: str, out: str, cfg: STIC
     counts: Counter = Counter()
     out_lines = []
     root = Path(image_root).resolve()
-    for batch in tqdm(list(_batches(rows, cfg.batch_size)), desc="STIC stage 2", disable=not progress):
+    for batch in tqdm(list(chunked(rows, cfg.batch_size)), desc="STIC stage 2", disable=not progress):
         todo = []
         for n, row in batch:
             where = f"{instructions}:{n}"
@@ -321,7 +304,7 @@ def add_common_model_arguments(parser: argparse.ArgumentParser) -> None:
 def load_adapter(args: argparse.Namespace):
     import torch
 
-    from mmalign.adapters.vlm import load_vlm
+    from mmalign.vlm.adapter import load_vlm
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return load_vlm(args.model, revision=args.revision, dtype=args.dtype, device=device)

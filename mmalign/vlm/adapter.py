@@ -12,8 +12,12 @@ tokens and image features must match. `max_length` applies to the response only.
 sample against what the images need before any forward; a mismatch is a `ImageTokenMismatchError` naming the
 sample.
 
-Reference model: the same network with its LoRA adapters disabled (peft; no second copy), a frozen copy, or
-log-probs precomputed once into a cache next to the shards (`precompute_reference_logps`).
+Reference model (`mmalign.models.reference`): the same network with its LoRA adapters disabled (`lora`: peft; no
+second copy), a frozen copy (`copy`), or log-probs precomputed once into a cache next to the shards
+(`precomputed`, `mmalign.vlm.reference_cache`). `VLMAdapter.surrogates` is the adapter contract
+(`mmalign.models.contract`): a pair batch -> `Surrogates` of kind "logp" (summed response log-probs, with counts).
+
+Prompt and processor handling is in `mmalign.vlm.processing`, the log-prob arithmetic in `mmalign.vlm.logprobs`.
 
 Generation (`generate`) is batched with left padding and the KV cache; `image_keep_prob` < 1 hides image tokens
 from attention (BDHS) while keeping every token's position.
@@ -21,20 +25,22 @@ from attention (BDHS) while keeping every token's position.
 
 from __future__ import annotations
 
-import copy
-import functools
 import hashlib
 import json
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-# model_type -> family. Families share module names, image-token accounting and processor handling.
-FAMILIES = {"llava": "llava", "llava_next": "llava", "qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_vl"}
+from mmalign.models.contract import Surrogates
+from mmalign.models.loading import ModelLoadError, read_model_config
+from mmalign.models.reference import ReferenceMode, adapters_disabled, frozen_copy
+from mmalign.vlm.logprobs import ResponseLogps, response_logps
+from mmalign.vlm.processing import ImageTokenMismatchError, family_of, load_processor, normalize_turns, pair_rows
+from mmalign.vlm.reference_cache import cached_reference
+
 # Module paths (attribute chains from the top-level model) of each trainable group.
 _GROUPS = {
     "llava": {"vision": ("model.vision_tower",), "projector": ("model.multi_modal_projector", "model.image_newline"),
@@ -46,125 +52,10 @@ _PROJECTOR_NAMES = {"llava": ["multi_modal_projector"], "qwen2_vl": ["merger"]}
 LLM_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Processor outputs laid along the sequence (padded with the sequence); every other output is per image.
 _SEQUENCE_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
-ReferenceMode = Literal["lora", "copy", "precomputed", "none"]
-
-
-class VLMLoadError(ValueError):
-    """A model folder or hub id could not be loaded as a supported VLM; the message says what is expected."""
-
-
-class ImageTokenMismatchError(ValueError):
-    """A sample's image tokens do not match what its images need; raised before any forward."""
 
 
 class PromptTooLongError(ValueError):
     """A prompt is longer than `max_prompt_length`; prompts are never truncated (image tokens would be cut)."""
-
-
-# -- chat turns ------------------------------------------------------------------------------------------------
-def normalize_turns(turns: str | Sequence[dict], n_images: int, key: str = "?") -> list[dict]:
-    """Chat turns in the parts form `{"role", "content": [{"type": "image"} | {"type": "text", "text"}]}`.
-
-    A string becomes one user turn. When no turn holds an image part, the `n_images` image parts are put before the
-    text of the first user turn (the LLaVA convention). The number of image parts must equal `n_images`.
-    """
-    if isinstance(turns, str):
-        turns = [{"role": "user", "content": turns}]
-    out: list[dict] = []
-    for i, turn in enumerate(turns):
-        if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
-            raise ValueError(f"sample {key}: prompt turn {i} must be {{'role', 'content'}}, got {turn!r}")
-        content = turn["content"]
-        parts = [{"type": "text", "text": content}] if isinstance(content, str) else [dict(p) for p in content]
-        for p in parts:
-            if p.get("type") not in ("image", "text"):
-                raise ValueError(f"sample {key}: prompt turn {i} has a part of type {p.get('type')!r}; valid "
-                                 "part types are 'image' and 'text'")
-        out.append({"role": turn["role"], "content": parts})
-    n_parts = sum(p["type"] == "image" for t in out for p in t["content"])
-    if n_parts == 0 and n_images:
-        first_user = next((t for t in out if t["role"] == "user"), None)
-        if first_user is None:
-            raise ValueError(f"sample {key}: the prompt has no user turn to attach its {n_images} image(s) to")
-        first_user["content"] = [{"type": "image"}] * n_images + first_user["content"]
-    elif n_parts != n_images:
-        raise ImageTokenMismatchError(f"sample {key}: the prompt has {n_parts} image part(s) but the sample has "
-                                      f"{n_images} image(s); give one {{'type': 'image'}} part per image")
-    return out
-
-
-# -- loading ---------------------------------------------------------------------------------------------------
-def _read_config(pretrained: str, revision: str | None) -> dict:
-    local = Path(pretrained)
-    if local.is_dir():
-        path = local / "config.json"
-        if not path.is_file():
-            raise VLMLoadError(f"{pretrained}: not a transformers model folder (no config.json)")
-        return json.loads(path.read_text())
-    if pretrained.startswith((".", "/", "~")) or pretrained.count("/") != 1:
-        raise VLMLoadError(f"{pretrained}: no such model folder (and not a hub id of the form org/name)")
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(pretrained, revision=revision).to_dict()
-    except Exception as err:  # hub errors come in many classes; the message matters
-        raise VLMLoadError(f"{pretrained}: could not load the model config from the hub or the local cache "
-                           f"({type(err).__name__}: {err}). Offline, pass a local model folder.") from err
-
-
-def family_of(model_type: str) -> str:
-    if model_type not in FAMILIES:
-        raise VLMLoadError(f"model_type {model_type!r} is not a supported VLM; supported: {sorted(FAMILIES)}")
-    return FAMILIES[model_type]
-
-
-@functools.lru_cache(maxsize=None)
-def image_only_qwen2_vl_processor_class():
-    """`Qwen2VLProcessor` without its video processor, which needs torchvision (a CUDA build on CPU-only
-    installs, see ENV-NOTES); its image processor is the PIL backend. Saved folders still name
-    `Qwen2VLProcessor`, so they load with `AutoProcessor` where torchvision is installed."""
-    from transformers import Qwen2VLProcessor
-
-    class Qwen2VLImageOnlyProcessor(Qwen2VLProcessor):
-        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
-
-        def save_pretrained(self, save_directory, **kwargs):
-            out = super().save_pretrained(save_directory, **kwargs)
-            for name in ("processor_config.json", "tokenizer_config.json"):
-                path = Path(save_directory) / name
-                if path.is_file():
-                    doc = json.loads(path.read_text())
-                    if doc.get("processor_class") == type(self).__name__:
-                        doc["processor_class"] = "Qwen2VLProcessor"
-                        path.write_text(json.dumps(doc, indent=2) + "\n")
-            return out
-
-    return Qwen2VLImageOnlyProcessor
-
-
-def load_processor(pretrained: str, family: str, revision: str | None = None):
-    from transformers import AutoProcessor
-    from transformers.utils import is_torchvision_available
-
-    if family == "qwen2_vl" and not is_torchvision_available():
-        from transformers import AutoImageProcessor, AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(pretrained, revision=revision)
-        image_processor = AutoImageProcessor.from_pretrained(pretrained, revision=revision, backend="pil")
-        processor = image_only_qwen2_vl_processor_class()(image_processor, tokenizer,
-                                                          chat_template=tokenizer.chat_template)
-    else:
-        processor = AutoProcessor.from_pretrained(pretrained, revision=revision)
-    tok = processor.tokenizer
-    if len(tok) < 3 or tok.eos_token_id is None:
-        # Offline, a missing hub tokenizer can come back nearly empty instead of raising.
-        raise VLMLoadError(f"{pretrained}: the tokenizer loaded with {len(tok)} tokens and eos "
-                           f"{tok.eos_token!r}; the model folder's tokenizer files are missing or broken")
-    if processor.chat_template is None:
-        raise VLMLoadError(f"{pretrained}: the processor has no chat template (chat_template.jinja or "
-                           "chat_template.json in the model folder)")
-    return processor
 
 
 # -- inputs ----------------------------------------------------------------------------------------------------
@@ -181,52 +72,6 @@ class VLMInputs:
     def to(self, device) -> "VLMInputs":
         moved = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in self.model_inputs.items()}
         return VLMInputs(moved, self.labels_mask.to(device), self.prompt_lengths, self.keys)
-
-
-@dataclass
-class ResponseLogps:
-    """Per-sample response log-likelihood: `sum` (B,), `mean` = sum / count (B,), `count` (B,) tokens scored."""
-
-    sum: Tensor
-    mean: Tensor
-    count: Tensor
-
-    def split(self, n: int) -> list["ResponseLogps"]:
-        """Cut a stacked batch ([chosen; rejected; ...]) into groups of `n` rows."""
-        return [ResponseLogps(s, m, c) for s, m, c in zip(self.sum.split(n), self.mean.split(n), self.count.split(n))]
-
-    def surrogate(self, kind: Literal["sum", "mean"] = "sum") -> Tensor:
-        if kind not in ("sum", "mean"):
-            raise ValueError(f"surrogate kind {kind!r}: valid values are 'sum' and 'mean'")
-        return self.sum if kind == "sum" else self.mean
-
-
-def response_logps(logits: Tensor, input_ids: Tensor, labels_mask: Tensor) -> ResponseLogps:
-    """Sum / mean / count of `log softmax(logits)[t-1, input_ids[t]]` over positions t where `labels_mask`.
-
-    logits: (B, L, V) from a causal LM over `input_ids` (B, L); computed in float32 (float64 stays float64).
-    """
-    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    targets = input_ids[:, 1:]
-    mask = labels_mask[:, 1:]
-    shifted = logits[:, :-1]
-    # log p(target) = logit[target] - logsumexp(logits), without a (B, L, V) log-softmax tensor.
-    picked = shifted.gather(-1, targets.unsqueeze(-1)).squeeze(-1).to(dtype)
-    lse = torch.stack([torch.logsumexp(row.to(dtype), dim=-1) for row in shifted])
-    token_logps = torch.where(mask, picked - lse, torch.zeros((), dtype=dtype, device=logits.device))
-    count = mask.sum(-1)
-    total = token_logps.sum(-1)
-    return ResponseLogps(total, total / count.clamp_min(1).to(dtype), count)
-
-
-def image_hash(images: Sequence[Any]) -> str:
-    """sha256 of decoded RGB pixels and sizes of a sample's images (what a cached reference log-prob saw)."""
-    h = hashlib.sha256()
-    for im in images:
-        im = im.convert("RGB") if getattr(im, "mode", "RGB") != "RGB" else im
-        h.update(f"{im.size[0]}x{im.size[1]};".encode())
-        h.update(im.tobytes())
-    return h.hexdigest()
 
 
 # -- the adapter -----------------------------------------------------------------------------------------------
@@ -414,13 +259,13 @@ class VLMAdapter:
     @torch.no_grad()
     def reference_logps(self, inputs: VLMInputs) -> ResponseLogps:
         """Reference log-probs: the policy with LoRA disabled, or the frozen copy. Precomputed references come
-        from the batch cache, not from here."""
+        from the batch cache (`surrogates`), not from here."""
         if self.reference == "lora":
             if not hasattr(self.model, "disable_adapter"):
                 raise ValueError("reference='lora' needs a peft model (apply_lora first); use reference='copy' "
                                  "for full fine-tunes")
-            with self.model.disable_adapter():
-                return self.logps(self.model, inputs)
+            with adapters_disabled(self.model) as model:
+                return self.logps(model, inputs)
         if self.reference == "copy":
             if self.ref_model is None:
                 raise ValueError("reference='copy' but no ref_model; call make_reference_copy()")
@@ -430,10 +275,42 @@ class VLMAdapter:
 
     def make_reference_copy(self) -> None:
         """Freeze a deep copy of the current policy as the reference (`reference='copy'`)."""
-        ref = copy.deepcopy(self.model).eval()
-        for p in ref.parameters():
-            p.requires_grad_(False)
-        self.ref_model, self.reference = ref, "copy"
+        self.ref_model, self.reference = frozen_copy(self.model), "copy"
+
+    # -- the adapter contract ----------------------------------------------------------------------------------
+    def surrogates(self, policy: torch.nn.Module, batch: dict, generator: torch.Generator | None = None,
+                   with_reference: bool = True, unwrapped: torch.nn.Module | None = None, *,
+                   rejected_images: bool = False, extra_rejected: Sequence[str] | None = None,
+                   chosen_only: bool = False) -> Surrogates:
+        """A `collate_vlm_pairs` batch -> `Surrogates` (K, B) of kind "logp": rows chosen, rejected, then (with
+        `rejected_images`) the chosen answer under the sample's rejected image, then (with `extra_rejected`, one
+        answer per sample, e.g. regenerated online) those answers under the clean image. `chosen_only`: the
+        chosen row alone (K = 1, for SFT). `policy` may be wrapped (DDP); the reference runs on the adapter's own
+        model. Deterministic: `generator` is unused."""
+        if chosen_only:
+            prompts, images, responses = batch["prompts"], batch["images"], batch["chosen"]
+            keys = list(batch["keys"])
+        else:
+            prompts, images, responses, keys = pair_rows(batch, rejected_images)
+        if extra_rejected is not None:
+            prompts, images = prompts + batch["prompts"], images + batch["images"]
+            responses = responses + list(extra_rejected)
+            keys = keys + [f"{k}:extra_rejected" for k in batch["keys"]]
+        n = len(batch["keys"])
+        device = next(self.model.parameters()).device
+        inputs = self.encode(prompts, images, responses, keys).to(device)
+        lp = self.logps(policy, inputs)
+        k = len(keys) // n
+        ref = None
+        if with_reference and not chosen_only:
+            if self.reference == "precomputed":
+                if extra_rejected is not None:
+                    raise ValueError("answers generated during training cannot have precomputed reference "
+                                     "log-probs; use model.reference lora or copy")
+                ref = torch.stack([r.sum for r in cached_reference(batch, rejected_images)]).to(device)
+            else:
+                ref = self.reference_logps(inputs).sum.view(k, n)
+        return Surrogates(lp.sum.view(k, n), ref, "logp", counts=lp.count.view(k, n))
 
     def producer(self) -> dict[str, Any]:
         """What reference log-probs depend on besides the sample: model, revision and processor settings."""
@@ -590,7 +467,7 @@ def load_vlm(pretrained: str, *, revision: str | None = None, dtype: str | torch
     """
     from transformers import AutoModelForImageTextToText
 
-    cfg = _read_config(pretrained, revision)
+    cfg = read_model_config(pretrained, revision)
     family = family_of(cfg.get("model_type", "?"))
     if reference == "lora" and lora is None:
         raise ValueError("reference='lora' needs lora options (model.lora); with a full fine-tune use "
@@ -600,7 +477,7 @@ def load_vlm(pretrained: str, *, revision: str | None = None, dtype: str | torch
         model = AutoModelForImageTextToText.from_pretrained(pretrained, revision=revision, dtype=torch_dtype,
                                                             attn_implementation=attn_implementation)
     except (OSError, ValueError) as err:
-        raise VLMLoadError(f"{pretrained}: could not load the model: {err}") from err
+        raise ModelLoadError(f"{pretrained}: could not load the model: {err}") from err
     processor = load_processor(pretrained, family, revision)
     model.to(device)
     adapter = VLMAdapter(model, processor, family, pretrained, revision, max_length, max_prompt_length)
@@ -614,84 +491,3 @@ def load_vlm(pretrained: str, *, revision: str | None = None, dtype: str | torch
         set_trainable(model, family, vision=train_vision, projector=train_projector, llm=train_llm)
     adapter.reference = reference
     return adapter
-
-
-# -- precomputed reference log-probs ---------------------------------------------------------------------------
-REF_CACHE_NAME = "vlm_ref_logps"
-
-
-def reference_cache_producer(adapter: VLMAdapter, rejected_images: bool) -> dict[str, Any]:
-    return {**adapter.producer(), "rejected_images": bool(rejected_images)}
-
-
-def pair_rows(batch: dict[str, Any], rejected_images: bool = False) -> tuple[list, list, list, list[str]]:
-    """A `collate_vlm_pairs` batch -> (prompts, images, responses, keys) stacked as [chosen; rejected]
-    (+ [chosen under rejected_images] when asked and present)."""
-    prompts, images, chosen, rejected = batch["prompts"], batch["images"], batch["chosen"], batch["rejected"]
-    keys = list(batch["keys"])
-    out_p, out_i, out_r = prompts + prompts, images + images, chosen + rejected
-    out_k = [f"{k}:chosen" for k in keys] + [f"{k}:rejected" for k in keys]
-    if rejected_images:
-        missing = [k for k, ims in zip(keys, batch["rejected_images"]) if not ims]
-        if missing:
-            raise ValueError(f"samples {missing[:5]} have no rejected.<i>.<img> images but rejected_images is on")
-        out_p, out_i, out_r = out_p + prompts, out_i + batch["rejected_images"], out_r + chosen
-        out_k = out_k + [f"{k}:chosen_under_rejected_image" for k in keys]
-    return out_p, out_i, out_r, out_k
-
-
-def precompute_reference_logps(adapter: VLMAdapter, shards: str, *, batch_size: int = 8,
-                               rejected_images: bool = False, overwrite: bool = False,
-                               progress: bool = True) -> Path:
-    """Score every pair of a `vlm_pair` shard set once under the reference and store the log-probs in a cache
-    next to the shards (keyed by model, revision and processor settings; each entry also records the image hash
-    and the sample key), so training needs no reference model in memory. Returns the cache folder."""
-    from tqdm.auto import tqdm
-
-    from mmalign.data.cache import CacheWriter
-    from mmalign.data.collate import collate_vlm_pairs
-    from mmalign.data.dataset import VLMPairDataset
-
-    producer = reference_cache_producer(adapter, rejected_images)
-    ds = VLMPairDataset(shards, strict=True)
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=collate_vlm_pairs)
-    device = next(adapter.model.parameters()).device
-    with CacheWriter(shards, REF_CACHE_NAME, producer, overwrite=overwrite) as writer:
-        for batch in tqdm(loader, total=-(-len(ds) // batch_size), desc="reference log-probs", disable=not progress):
-            p, i, r, k = pair_rows(batch, rejected_images)
-            lp = adapter.reference_logps(adapter.encode(p, i, r, k).to(device))
-            groups = lp.split(len(batch["keys"]))
-            for j, (shard, key) in enumerate(zip(batch["shards"], batch["keys"])):
-                entry = {"image_sha256": _hex_bytes(image_hash(batch["images"][j]))}
-                for name, g in zip(("chosen", "rejected", "chosen_rejected_image"), groups):
-                    entry[f"{name}_sum"] = g.sum[j].detach().double().cpu().numpy()
-                    entry[f"{name}_count"] = g.count[j].cpu().numpy()
-                writer.add(shard, key, entry)
-    return writer.dir
-
-
-def _hex_bytes(hexdigest: str):
-    import numpy as np
-
-    return np.frombuffer(bytes.fromhex(hexdigest), dtype=np.uint8).copy()
-
-
-def cached_reference(batch: dict[str, Any], rejected_images: bool = False) -> list[ResponseLogps]:
-    """The cached reference log-probs of a batch read with `caches={REF_CACHE_NAME: producer}`, checked against
-    the batch's images. Returns [chosen, rejected] (+ [chosen under rejected image])."""
-    cache = batch.get("cache", {}).get(REF_CACHE_NAME)
-    if cache is None:
-        raise ValueError(f"the batch has no {REF_CACHE_NAME!r} cache; read the shards with "
-                         f"caches={{'{REF_CACHE_NAME}': reference_cache_producer(adapter, ...)}}")
-    for j, (key, ims) in enumerate(zip(batch["keys"], batch["images"])):
-        stored = bytes(cache["image_sha256"][j].to(torch.uint8).tolist()).hex()
-        if stored != image_hash(ims):
-            raise ValueError(f"sample {key}: its images differ from those the cached reference log-probs were "
-                             "computed on; rebuild the cache (precompute_reference_logps)")
-    names = ("chosen", "rejected") + (("chosen_rejected_image",) if rejected_images else ())
-    out = []
-    for name in names:
-        s, c = cache[f"{name}_sum"].double(), cache[f"{name}_count"].long()
-        out.append(ResponseLogps(s, s / c.clamp_min(1), c))
-    return out
-

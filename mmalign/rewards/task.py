@@ -15,6 +15,11 @@ Per-pair weights (`method.prompt_weight`, soft_ce and bt): `batch` weighs each p
 the batch), so every prompt counts once; `dataset` by 1 / `num_example_per_prompt` from the sample's provenance ids
 (Pick-a-Pic's column, the PickScore weighting). The losses normalise the weights to sum 1 over the batch.
 
+Metrics: one scheme for every reward model, under `rewards/`: the loss's own numbers (`rewards/accuracy`,
+`rewards/margin`, `rewards/num_pairs`, `rewards/num_ties`, ...) and the mean rewards `rewards/chosen`,
+`rewards/rejected`; a video model logs them per dimension, `rewards/<dim>/accuracy`, `rewards/<dim>/loss` (VQ, MQ,
+TA), and their mean `rewards/accuracy`. (A policy run's `rewards/accuracies` is the DPO implicit-reward accuracy.)
+
 Under DDP (world size > 1), `method.gather` (default on) gathers every process's rewards, labels, weights and, for
 `batch` weights, prompts before the loss (`gather_cat`, differentiable, like open_clip's `gather_features`): every
 process computes the same loss over the global batch, and with DDP's gradient averaging the parameters get exactly
@@ -41,6 +46,7 @@ from mmalign.config import StrictModel
 from mmalign.data.video import FrameSampling
 from mmalign.rewards.video import VideoRewardConfig
 from mmalign.train.config import BaseTrainConfig
+from mmalign.train.distributed import gather_cat, gather_objects, world_size
 from mmalign.train.tasks import Built, Task
 
 OUTPUT = "reward_model"
@@ -109,55 +115,6 @@ def _pair_labels(label: torch.Tensor) -> torch.Tensor:
     return torch.where(label == 0.5, torch.zeros_like(label), torch.ones_like(label))
 
 
-def world_size() -> int:
-    """Processes in the default torch.distributed group (1 when it is not initialised)."""
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-class _GatherCat(torch.autograd.Function):
-    """all_gather forward; backward: the gradients of every process summed (all_reduce, which every backend has,
-    unlike reduce_scatter on gloo), this process's rows returned."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        import torch.distributed as dist
-
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x.contiguous())
-        ctx.rows = slice(dist.get_rank() * x.shape[0], (dist.get_rank() + 1) * x.shape[0])
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        import torch.distributed as dist
-
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad)
-        return grad[ctx.rows]
-
-
-def gather_cat(x: torch.Tensor) -> torch.Tensor:
-    """(B, ...) on each of W processes -> (W*B, ...), rows in rank order, on every process; B must be equal
-    everywhere (the loop's micro-batches are: incomplete batches are dropped).
-
-    Differentiable: the backward pass gives each process the sum over processes of the gradients with respect to
-    its own rows. When every process computes the same loss L on the gathered rows, that sum is W * dL/dx_own, and
-    DDP's averaging over W processes leaves each parameter exactly dL/dθ of the concatenated batch.
-    """
-    return _GatherCat.apply(x)
-
-
-def gather_objects(items: list) -> list:
-    """A list on each process -> the concatenation, in rank order, on every process (picklable items)."""
-    import torch.distributed as dist
-
-    parts: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, list(items))
-    return [x for part in parts for x in part]
-
-
 def prompt_counts_weight(prompts: list[str]) -> torch.Tensor:
     """(B,) 1 / (occurrences of each pair's prompt among `prompts`): every prompt weighs 1 in total."""
     from collections import Counter
@@ -211,7 +168,7 @@ def image_pair_loss(module, batch: dict, loss: str = "soft_ce", k: float = 5.0, 
         if weight is not None:
             raise ValueError(f"prompt_weight {prompt_weight!r}: btt takes no per-pair weights")
         value, m = btt_loss(r_w, r_l, _pair_labels(label), k=k)
-    metrics = {f"reward/{name}": v for name, v in m.items()}
+    metrics = {f"rewards/{name}": v for name, v in m.items()}
     metrics["rewards/chosen"] = r_w.detach().mean()
     metrics["rewards/rejected"] = r_l.detach().mean()
     return value, metrics
@@ -236,6 +193,7 @@ class RewardTask(Task):
     """See the module docstring and `RewardTrainConfig`."""
 
     config_class = RewardTrainConfig
+    progress_metrics = ("rewards/accuracy",)
 
     def _is_video(self) -> bool:
         return self.cfg.model.kind == "video"

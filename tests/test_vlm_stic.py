@@ -7,12 +7,12 @@ import pytest
 from PIL import Image
 
 from mmalign.selfgen.corrupt import (Corruption, CorruptionNoOpError, corrupt_image, pixels_changed)
-from mmalign.selfgen.stic import STICConfig, infuse_description, stic_pairs, stic_stage2, toy_image_items, write_pairs
+from mmalign.vlm.stic import STICConfig, infuse_description, stic_pairs, stic_stage2, toy_image_items, write_pairs
 
 
 @pytest.fixture(scope="module")
 def tiny_llava(tmp_path_factory):
-    from mmalign.adapters.vlm import load_vlm
+    from mmalign.vlm.adapter import load_vlm
     from mmalign.vlm.tiny import build_tiny_vlm
 
     return load_vlm(str(build_tiny_vlm(tmp_path_factory.mktemp("vlm") / "llava", "llava")))

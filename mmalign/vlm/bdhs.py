@@ -37,7 +37,8 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from mmalign.selfgen.stic import _batches, add_common_model_arguments, load_adapter, write_pairs
+from mmalign.selfgen.common import chunked
+from mmalign.vlm.stic import add_common_model_arguments, load_adapter, write_pairs
 
 logger = logging.getLogger("mmalign.selfgen")
 
@@ -134,7 +135,7 @@ def bdhs_rejected(adapter, rows: Sequence[dict], cfg: BDHSConfig, embedder, *, i
                 flips[i] = False
                 requests.append(_Request(i, 0, "", ""))
         texts = []
-        for chunk in _batches(requests, cfg.batch_size):
+        for chunk in chunked(requests, cfg.batch_size):
             texts += adapter.generate([rows[r.row]["prompt"] for r in chunk], [rows[r.row]["images"] for r in chunk],
                                       prefixes=[r.context for r in chunk], image_keep_prob=keep_prob,
                                       mask_seeds=[seeds[r.row] for r in chunk], do_sample=cfg.do_sample,
@@ -168,7 +169,7 @@ def bdhs_pairs(adapter, rows: Iterable[dict], cfg: BDHSConfig, embedder) -> Iter
     from mmalign.data.schemas import vlm_pair_sample
 
     offset = 0
-    for batch in _batches(rows, cfg.batch_size):
+    for batch in chunked(rows, cfg.batch_size):
         results = bdhs_rejected(adapter, batch, cfg, embedder, index_offset=offset)
         offset += len(batch)
         for row, res in zip(batch, results):

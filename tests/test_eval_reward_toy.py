@@ -13,7 +13,7 @@ from mmalign.cli import main
 
 
 def test_perturb_changes_exactly_one_attribute():
-    from mmalign.rewards.proof import perturb
+    from mmalign.eval.reward_toy import perturb
     from mmalign.toy.scenes import allowed_cx, sample_scenes
 
     rng = np.random.default_rng(0)

@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from mmalign.selfgen.bdhs import BDHSConfig, bdhs_pairs, bdhs_rejected, plan_guided, split_sentences, toy_rows
+from mmalign.vlm.bdhs import BDHSConfig, bdhs_pairs, bdhs_rejected, plan_guided, split_sentences, toy_rows
 
 
 @pytest.fixture(scope="module")
 def tiny_llava(tmp_path_factory):
-    from mmalign.adapters.vlm import load_vlm
+    from mmalign.vlm.adapter import load_vlm
     from mmalign.vlm.tiny import build_tiny_vlm
 
     return load_vlm(str(build_tiny_vlm(tmp_path_factory.mktemp("vlm") / "llava", "llava")))
@@ -104,7 +104,7 @@ def test_each_attempt_uses_a_new_mask_keeping_the_configured_share(tiny_llava, m
 def test_bdhs_pairs_round_trip_through_shards(tmp_path, tiny_llava):
     from mmalign.data import VLMPairDataset
     from mmalign.selfgen.embed import load_embedder
-    from mmalign.selfgen.stic import write_pairs
+    from mmalign.vlm.stic import write_pairs
 
     rows = toy_rows(5, seed=2)
     cfg = BDHSConfig(max_new_tokens=6, batch_size=16)

@@ -7,20 +7,26 @@ as the model's scheduler config says. Items that are compared (a winner and its 
 list) share `t` and the noise, so their errors differ only because the images differ.
 
 Layout convention: grouped tensors are `(K, B, ...)` (K = 2 for pairs: index 0 winners, 1 losers); flattened they
-give the `[winners; losers]` batch the losses expect. This module holds no loss math.
+give the `[winners; losers]` batch the losses expect. `T2IAdapter.surrogates` is the adapter contract
+(`mmalign.models.contract`): a batch -> `Surrogates` of kind "error" (`-err`). This module holds no loss math.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
 from torch import Tensor
+
+from mmalign.data.transforms import to_pixel_values
+from mmalign.models.contract import Surrogates
+from mmalign.models.loading import ModelLoadError, read_model_index
+from mmalign.models.reference import adapters_disabled, frozen_copy
+
+CACHE_NAME = "t2i"  # the latent + text cache's name in `mmalign.data.cache` (written by `mmalign.t2i.cache`)
 
 
 @dataclass
@@ -40,30 +46,6 @@ class TextConditioning:
         return TextConditioning(self.prompt_embeds.to(device, dtype), pooled)
 
 
-class ModelLoadError(ValueError):
-    """A model folder or hub id could not be loaded; the message says what was expected."""
-
-
-def read_model_index(pretrained: str, revision: str | None = None) -> dict:
-    """The pipeline's model_index.json, from a local folder or the hub cache."""
-    local = Path(pretrained)
-    if local.is_dir():
-        index = local / "model_index.json"
-        if not index.is_file():
-            raise ModelLoadError(f"{pretrained}: not a diffusers pipeline folder (no model_index.json); expected "
-                                 "subfolders unet/, vae/, text_encoder/, tokenizer/, scheduler/")
-        return json.loads(index.read_text())
-    if pretrained.startswith((".", "/", "~")) or pretrained.count("/") != 1:
-        raise ModelLoadError(f"{pretrained}: no such model folder (and not a hub id of the form org/name)")
-    from diffusers import DiffusionPipeline
-
-    try:
-        return DiffusionPipeline.load_config(pretrained, revision=revision)
-    except Exception as err:  # hub errors come in many classes; the message matters
-        raise ModelLoadError(f"{pretrained}: could not load the pipeline config from the hub or the local cache "
-                             f"({type(err).__name__}: {err}). Offline, pass a local pipeline folder.") from err
-
-
 @dataclass
 class T2IComponents:
     """The separately trained/swapped parts of an SD-style pipeline, each its own object."""
@@ -81,8 +63,16 @@ class T2IComponents:
         return self.noise_scheduler.config.prediction_type
 
 
+def sdxl_resolution_problem(pretrained: str, is_sdxl: bool, resolution: int | None) -> str | None:
+    """The message for a training resolution SDXL cannot take (not a multiple of 16), else None."""
+    if is_sdxl and resolution is not None and resolution % 16:
+        return f"data.resolution {resolution} is not a multiple of 16, which SDXL ({pretrained}) needs"
+    return None
+
+
 def load_t2i_components(pretrained: str, *, revision: str | None = None, variant: str | None = None,
-                        unet_path: str | None = None, load_unet: bool = True) -> T2IComponents:
+                        unet_path: str | None = None, load_unet: bool = True,
+                        resolution: int | None = None) -> T2IComponents:
     """Load UNet, VAE, text encoder(s), tokenizer(s) and the training noise scheduler with `from_pretrained`.
 
     SD 1.x/2.x pipelines have one text encoder; SDXL (`text_encoder_2` in model_index.json) has two. A pipeline
@@ -91,12 +81,16 @@ def load_t2i_components(pretrained: str, *, revision: str | None = None, variant
     `load_unet=False` skips the UNet (`components.unet` is None): what encoding images and captions needs, e.g.
     building the latent cache, without reading the largest part of the pipeline. The UNet's checks against the VAE
     (in_channels) and SDXL (addition_embed_type) are then skipped too; training loads it and runs them.
+    `resolution` (the training resolution) is checked against the pipeline before anything loads.
     """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
     index = read_model_index(pretrained, revision)
     is_sdxl = "text_encoder_2" in index
+    problem = sdxl_resolution_problem(pretrained, is_sdxl, resolution)
+    if problem:
+        raise ModelLoadError(problem)
     kw = dict(revision=revision)
     try:
         unet = None
@@ -140,39 +134,41 @@ def load_t2i_components(pretrained: str, *, revision: str | None = None, variant
     return T2IComponents(pretrained, unet, vae, noise_scheduler, text_encoders, tokenizers, is_sdxl)
 
 
-def move_module(module: torch.nn.Module, device=None, dtype: torch.dtype | None = None) -> torch.nn.Module:
-    """`module.to(device, dtype)`, casting only when the dtype differs (diffusers' `ModelMixin.to` warns about
-    float32 modules on every cast, even a no-op one)."""
-    if device is not None:
-        module.to(device)
-    if dtype is not None and getattr(module, "dtype", None) != dtype:
-        module.to(dtype=dtype)
-    return module
+def encoder_dtype(mixed_precision: str) -> torch.dtype:
+    """Dtype of the frozen VAE and text encoders: the mixed-precision dtype ("no", "fp16", "bf16"), except float32
+    for fp16 (the SD VAE overflows in fp16)."""
+    return torch.bfloat16 if mixed_precision == "bf16" else torch.float32
 
 
 class T2IAdapter:
     """Turns images + captions into per-sample denoising errors for a policy UNet and its reference.
 
-    reference: "frozen_copy" (a deep copy of the UNet, frozen, optionally in another dtype / offloaded to CPU),
-    "disabled_adapters" (the same UNet with its peft LoRA adapters switched off: no second copy), or None
-    (methods without a reference: sft, mapo).
+    reference (`mmalign.models.reference`): "copy" (a deep copy of the UNet, frozen, optionally in another dtype /
+    offloaded to CPU), "lora" (the same UNet with its peft LoRA adapters switched off: no second copy), or "none"
+    (methods without a reference: sft, mapo). Diffusion surrogates depend on the t and noise drawn each step, so
+    they cannot be "precomputed".
+    resolution: the training resolution (SDXL `time_ids` target size); proportion_empty_prompts: the share of
+    captions replaced by the "" conditioning (the batch's `empty_prompt`) to keep classifier-free guidance working.
     """
 
-    def __init__(self, components: T2IComponents, reference: Optional[str] = "frozen_copy",
-                 reference_dtype: torch.dtype | None = None, offload_reference: bool = False):
-        if reference not in ("frozen_copy", "disabled_adapters", None):
-            raise ValueError(f"reference must be 'frozen_copy', 'disabled_adapters' or None, got {reference!r}")
-        if reference is not None and components.unet is None:
+    def __init__(self, components: T2IComponents, reference: str = "copy",
+                 reference_dtype: torch.dtype | None = None, offload_reference: bool = False,
+                 resolution: int | None = None, proportion_empty_prompts: float = 0.0):
+        if reference not in ("copy", "lora", "none"):
+            raise ValueError(f"reference must be 'copy', 'lora' or 'none' for text-to-image diffusion, got "
+                             f"{reference!r} (diffusion surrogates depend on the t and noise drawn each step, so "
+                             "they cannot be precomputed)")
+        if reference != "none" and components.unet is None:
             raise ValueError(f"{components.pretrained}: reference {reference!r} needs the UNet; the components were "
                              "loaded with load_unet=False")
         self.c = components
         self.reference = reference
         self.offload_reference = offload_reference
+        self.resolution = resolution
+        self.proportion_empty_prompts = proportion_empty_prompts
         self.ref_unet = None
-        if reference == "frozen_copy":
-            self.ref_unet = copy.deepcopy(components.unet).requires_grad_(False).eval()
-            if reference_dtype is not None:
-                move_module(self.ref_unet, dtype=reference_dtype)
+        if reference == "copy":
+            self.ref_unet = frozen_copy(components.unet, reference_dtype)
         vae_config = components.vae.config if components.vae is not None else None
         self.vae_scale = float(vae_config.scaling_factor) if vae_config is not None else 1.0
         shift = getattr(vae_config, "shift_factor", None)
@@ -274,7 +270,7 @@ class T2IAdapter:
 
     @contextlib.contextmanager
     def _reference_unet(self, policy_unet: torch.nn.Module) -> Iterator[torch.nn.Module]:
-        if self.reference == "frozen_copy":
+        if self.reference == "copy":
             # Same mode as the policy: some diffusers paths branch on `training`, and at step 0 the reference
             # must reproduce the policy bit for bit (DPO loss exactly ln 2). UNet dropout defaults to 0.
             self.ref_unet.train(policy_unet.training)
@@ -285,14 +281,11 @@ class T2IAdapter:
             finally:
                 if self.offload_reference:
                     self.ref_unet.to("cpu")
-        elif self.reference == "disabled_adapters":
-            policy_unet.disable_adapters()
-            try:
-                yield policy_unet
-            finally:
-                policy_unet.enable_adapters()
+        elif self.reference == "lora":
+            with adapters_disabled(policy_unet) as unet:
+                yield unet
         else:
-            raise RuntimeError("this adapter was built without a reference (reference=None)")
+            raise RuntimeError("this adapter was built without a reference (reference='none')")
 
     def group_errors(self, policy_unet: torch.nn.Module, latents: Tensor, cond: TextConditioning,
                      time_ids: Tensor | None, generator: torch.Generator | None, with_reference: bool,
@@ -313,3 +306,75 @@ class T2IAdapter:
             with torch.no_grad(), self._reference_unet(unwrapped_unet or policy_unet) as ref_unet:
                 ref = self.errors(ref_unet, noisy, t_k, cond_k, tid_k, target).view(k, b)
         return policy, ref, t_k[:b]
+
+    # -- the adapter contract ----------------------------------------------------------------------------------
+    def inputs(self, batch: dict, generator: torch.Generator | None,
+               device) -> tuple[Tensor, TextConditioning, Tensor | None]:
+        """Batch -> grouped latents (K, B, C, h, w), conditioning (B, ...), SDXL time_ids (B, 6) or None.
+
+        Accepts raw batches (`pixels` uint8 as the training reader sends them, or `pixel_values` float in [-1, 1];
+        `captions`) and cached ones (`cache["t2i"]`, see `read_cached`). With `proportion_empty_prompts` > 0 the
+        batch carries `empty_prompt` (the "" conditioning).
+        """
+        if "cache" in batch:
+            posterior, cond, original_sizes, crop_top_lefts = read_cached(batch)
+            posterior, cond = posterior.to(device), cond.to(device)
+            b = posterior.shape[1]
+        else:
+            pixels = batch["pixel_values"] if "pixel_values" in batch else to_pixel_values(batch["pixels"].to(device))
+            if pixels.ndim == 5:  # ranked (B, K, 3, H, W) -> (K, B, ...)
+                pixels = pixels.transpose(0, 1)
+            else:  # pairs [winners; losers] (2B, 3, H, W)
+                pixels = pixels.view(2, -1, *pixels.shape[1:])
+            k, b = pixels.shape[:2]
+            posterior = self.encode_images(pixels.reshape(k * b, *pixels.shape[2:]).to(device))
+            posterior = posterior.view(k, b, *posterior.shape[1:])
+            cond = self.encode_text(list(batch["captions"]))
+            original_sizes, crop_top_lefts = batch.get("original_sizes"), batch.get("crop_top_lefts")
+        if self.proportion_empty_prompts > 0:
+            drop = torch.rand(b, generator=generator) < self.proportion_empty_prompts
+            if drop.any():
+                empty = batch.get("empty_prompt")
+                if empty is None:
+                    raise ValueError("proportion_empty_prompts > 0 but the batch has no 'empty_prompt'")
+                cond.prompt_embeds[drop.to(device)] = empty.prompt_embeds.to(device, cond.prompt_embeds.dtype)
+                if cond.pooled is not None:
+                    cond.pooled[drop.to(device)] = empty.pooled.to(device, cond.pooled.dtype)
+        latents = self.sample_latents(posterior, generator)
+        time_ids = None
+        if self.c.is_sdxl:
+            if self.resolution is None:
+                raise ValueError("SDXL time_ids need the training resolution (T2IAdapter(resolution=...))")
+            res = self.resolution
+            time_ids = self.time_ids(original_sizes, crop_top_lefts, (res, res)).to(device)
+        return latents, cond, time_ids
+
+    def surrogates(self, policy: torch.nn.Module, batch: dict, generator: torch.Generator | None,
+                   with_reference: bool, unwrapped: torch.nn.Module | None = None) -> Surrogates:
+        """The adapter contract: a batch of pairs or ranked lists -> `Surrogates` (K, B) of kind "error".
+
+        One timestep and one noise tensor per group, shared by its K items; `policy` may be wrapped (DDP/FSDP),
+        `unwrapped` is the bare UNet (its adapters are toggled for the `lora` reference)."""
+        device = next((unwrapped or policy).parameters()).device
+        latents, cond, time_ids = self.inputs(batch, generator, device)
+        err, ref, t = self.group_errors(policy, latents, cond, time_ids, generator, with_reference, unwrapped)
+        return Surrogates(-err, None if ref is None else -ref, "error", t=t,
+                          num_train_timesteps=self.c.noise_scheduler.config.num_train_timesteps)
+
+
+def read_cached(batch: dict) -> tuple[Tensor, TextConditioning, Tensor, Tensor]:
+    """A cached batch -> (posterior parameters (K, B, 2C, h, w) as [winners; losers] for pairs or in stored
+    order for ranked lists, conditioning, winner original sizes (B, 2), crops (B, 2))."""
+    from mmalign.data.collate import winners_losers
+
+    entry = batch["cache"][CACHE_NAME]
+    per_image = torch.as_tensor(entry["latents"])  # (B, K, 2C, h, w), stored image order
+    if "winner_index" in batch:  # pairs (collate_pairs): reorder to [winners; losers]
+        posterior = winners_losers(per_image, batch["winner_index"]).view(2, per_image.shape[0],
+                                                                          *per_image.shape[2:])
+    else:
+        posterior = per_image.transpose(0, 1)
+    pooled = torch.as_tensor(entry["pooled"]) if "pooled" in entry else None
+    cond = TextConditioning(torch.as_tensor(entry["prompt_embeds"]), pooled)
+    return (posterior.float(), cond, torch.as_tensor(entry["original_size"]),
+            torch.as_tensor(entry["crop_top_left"]))

@@ -1,0 +1,115 @@
+"""The one method table: `method.name` (+ `loss_type`) -> a loss of `mmalign.losses` over an adapter's surrogates.
+
+Every task calls `preference_loss` with the `Surrogates` its adapter made (`mmalign.models.contract`), so a
+method means the same on every modality and logs the same names:
+
+| name | data | reference | surrogate kinds | loss |
+|---|---|---|---|---|
+| `dpo` | pairs | yes | error, logp | `diffusion_dpo_loss` (error: β/2 on `-err`, Diffusion-DPO) / `dpo_loss` (logp) |
+| `mapo` | pairs | no | error | `mapo_loss` |
+| `rankdpo` | ranked lists | yes | error | `ranked_dpo_loss` |
+| `sft` | winners | no | error, logp | mean error of the winners / their negative log-likelihood |
+
+`loss_type` picks a DPO variant (`mmalign.losses.DPO_LOSS_TYPES`, TRL's names) for `dpo`; `label_smoothing` is
+used by the loss types that define it (sigmoid, robust) and refused by the others. Sequence surrogates are sums
+of token log-probs; `surrogate="mean"` divides them by the token counts (length-normalised variants).
+
+Metric names (TRL's, the same for every modality): `loss` (added by the loop), `rewards/chosen`,
+`rewards/rejected`, `rewards/margins`, `rewards/accuracies`; then per surrogate kind, pairs: `mse/policy_chosen`,
+`mse/policy_rejected`, `mse/ref_chosen`, `mse/ref_rejected` (error) or `logps/chosen`, `logps/rejected` (logp);
+ranked lists: `mse/policy`, `mse/ref`, `ranked/num_pairs`, `ranked/prompts_with_pairs`; MaPO adds `mapo/*`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from mmalign.losses import DPO_LOSS_TYPES, diffusion_dpo_loss, dpo_loss, mapo_loss, ranked_dpo_loss
+from mmalign.models.contract import Surrogates
+
+
+@dataclass(frozen=True)
+class Method:
+    """What a method needs: `data` ("pair": winner/loser pairs; "ranked": scored lists; "pair" is also what sft
+    reads, using the winners), whether it compares against a reference, which surrogate kinds it is defined on,
+    and its published default β per surrogate kind (None: no β)."""
+
+    name: str
+    data: str
+    needs_reference: bool
+    kinds: tuple[str, ...]
+    default_beta: dict
+
+
+METHODS: dict[str, Method] = {
+    # Diffusion-DPO's 5000 assumes per-sample errors that are means over C,H,W; TRL's 0.1 summed log-probs.
+    "dpo": Method("dpo", "pair", True, ("error", "logp"), {"error": 5000.0, "logp": 0.1}),
+    "mapo": Method("mapo", "pair", False, ("error",), {"error": 0.1}),
+    "rankdpo": Method("rankdpo", "ranked", True, ("error",), {"error": 5000.0}),
+    "sft": Method("sft", "pair", False, ("error", "logp"), {"error": 1.0, "logp": 1.0}),
+}
+
+
+def check_method(name: str, kind: str, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+                 where: str = "method") -> Method:
+    """The table's entry for `name`, after checking that it is defined on surrogates of `kind` and that
+    `loss_type` / `label_smoothing` are valid; ValueError naming the key otherwise."""
+    if name not in METHODS:
+        raise ValueError(f"{where}.name {name!r}: valid methods are {', '.join(METHODS)}")
+    method = METHODS[name]
+    if kind not in method.kinds:
+        valid = [m for m, spec in METHODS.items() if kind in spec.kinds]
+        raise ValueError(f"{where}.name {name!r} is not defined on this modality's surrogates ({kind}); valid "
+                         f"here: {', '.join(valid)}")
+    if loss_type not in DPO_LOSS_TYPES:
+        raise ValueError(f"{where}.loss_type {loss_type!r} is not one of {', '.join(DPO_LOSS_TYPES)}")
+    if loss_type != "sigmoid" and name != "dpo":
+        raise ValueError(f"{where}.loss_type {loss_type!r} selects a DPO variant; method {name!r} has none "
+                         "(use loss_type sigmoid)")
+    if label_smoothing > 0 and (name != "dpo" or loss_type not in ("sigmoid", "robust")):
+        raise ValueError(f"{where}.label_smoothing {label_smoothing}: only method 'dpo' with loss_type sigmoid or "
+                         f"robust uses it (got method {name!r}, loss_type {loss_type!r})")
+    return method
+
+
+def preference_loss(name: str, s: Surrogates, *, beta: float, loss_type: str = "sigmoid",
+                    label_smoothing: float = 0.0, scores: Tensor | None = None, rank_weighting: str = "lambda",
+                    mapo_snr_value: float = 0.5) -> tuple[Tensor, dict[str, Tensor]]:
+    """One micro-batch's (loss, metrics) for method `name` on the surrogates `s` ((K, B), row 0 the winners).
+
+    beta: the method's β on the scale of `s` (see `METHODS[name].default_beta`).
+    scores: (B, K) preference scores of ranked lists (rankdpo; higher = preferred).
+    """
+    method = check_method(name, s.kind, loss_type, label_smoothing)
+    if method.needs_reference and s.reference is None:
+        raise ValueError(f"method {name!r} needs reference surrogates; the adapter gave none")
+    if name == "dpo":
+        if s.kind == "error":
+            err, ref = s.errors, s.reference_errors
+            return diffusion_dpo_loss(err[0], err[1], ref[0], ref[1], beta, loss_type, label_smoothing)
+        return dpo_loss(s.policy[0], s.policy[1], s.reference[0], s.reference[1], beta, loss_type,
+                        label_smoothing)
+    if name == "mapo":
+        if s.num_train_timesteps is None:
+            raise ValueError("method 'mapo' needs the noise scheduler's num_train_timesteps in the surrogates")
+        err = s.errors
+        return mapo_loss(err[0], err[1], beta=beta, snr_value=mapo_snr_value,
+                         num_train_timesteps=s.num_train_timesteps)
+    if name == "rankdpo":
+        if scores is None:
+            raise ValueError("method 'rankdpo' needs the ranked lists' scores (B, K)")
+        return ranked_dpo_loss(s.errors.T, s.reference_errors.T, scores.to(s.policy.device), beta=beta,
+                               weighting=rank_weighting)
+    # sft: the winners' negative surrogate (their mean error, or their negative log-likelihood)
+    loss = -s.policy[0].mean()
+    with torch.no_grad():
+        if s.kind == "error":
+            metrics = {"mse/policy_chosen": s.errors[0].mean()}
+            if s.policy.shape[0] > 1:
+                metrics["mse/policy_rejected"] = s.errors[1:].mean()
+        else:
+            metrics = {"logps/chosen": s.policy[0].mean()}
+    return loss, metrics
