@@ -156,6 +156,16 @@ def test_text_encoded_once_per_distinct_prompt(models, images):
     torch.testing.assert_close(batched, singles, atol=1e-5, rtol=1e-5)
 
 
+def test_a_scorer_built_around_a_moved_model_is_where_its_model_is(models):
+    """The GPU benchmark found it: a CLIPScorer built around a model already on cuda tokenised prompts onto the
+    CPU (its device came from a buffer only `.to()` moves). Its device is its parameters' now (meta here)."""
+    from mmalign.rewards.clip import CLIPScorer
+
+    scorer = load_scorer(f"pickscore={models['clip']}")
+    moved = CLIPScorer(scorer.model.to("meta"), scorer.tokenizer, scorer.preprocess, "cosine", name="moved")
+    assert moved.device.type == "meta" and moved.tokenize(["a red circle"])["input_ids"].device.type == "meta"
+
+
 def test_differentiable_path_and_dtype(models, images):
     scorer = load_scorer(f"pickscore={models['clip']}")
     arr = np.stack([np.asarray(im.resize((48, 40))) for im in images])

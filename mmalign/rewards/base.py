@@ -129,6 +129,10 @@ class Scorer(nn.Module):
 
     @property
     def device(self) -> torch.device:
+        """Where the scorer's parameters are (a scorer built around a model already on the GPU is there too);
+        a scorer without parameters: where it was moved with `.to()`."""
+        for p in self.parameters():
+            return p.device
         return self._anchor.device
 
     @property

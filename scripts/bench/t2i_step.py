@@ -10,7 +10,7 @@ r"""Benchmark: seconds per Diffusion-DPO step and peak memory, three ways, in on
                 text encoders stay off the device
   (c) lora    : cached inputs, LoRA, the reference is the same UNet with adapters disabled (no second copy)
 
-Every variant is mmalign's own text-to-image task (`mmalign.train.t2i.T2ITask`): its batches, its
+Every variant is mmalign's own text-to-image task (`mmalign.t2i.task.T2ITask`): its batches, its
 `compute_loss` and backward; the optimizer is mmalign's (`--optim`, built by
 `mmalign.train.trainer.build_optimizer`) except in (a); batches are read before timing, so the numbers compare the
 steps, not the image decoding. Each variant runs in its
@@ -21,6 +21,9 @@ not the loading transients (a state dict beside the model) and not the ~0.5 GB o
 VAE and text encoders of (b) and (c) stay loaded in the same memory (on a GPU they stay off the device). CUDA:
 torch.cuda.max_memory_allocated over the steps. Prints a table and ratios against (a), and the memory of (c)
 against (b) (both full-size inputs from the cache: the target compares LoRA with a full fine-tune with a copy).
+Each variant also counts the FLOPs of its first warm-up step's forward and backward (`FlopCounterMode`: matmuls,
+convolutions, attention, gradient checkpointing's recomputation included; the optimizer is not counted), which
+`scripts/bench/gpu_suite.py` turns into MFU.
 
     python scripts/bench/t2i_step.py                       # tiny SD-1.5-style pipeline + toy pairs, on CPU
     python scripts/bench/t2i_step.py --sd15-full --resolution 256 --batch 1 --steps 3 --warmup 1 \
@@ -35,7 +38,13 @@ downloaded; see `sd15_modules`, `sdxl_modules`): SD 1.5 = UNet (block_out_channe
 cross_attention_dim 768, attention_head_dim 8; 860 M parameters), the SD VAE (128/256/512/512, 4 latent channels;
 84 M) and a CLIP ViT-L/14 text encoder (12 layers, width 768; 123 M); SDXL = its UNet (2.6 B), the same VAE, CLIP
 ViT-L/14 and OpenCLIP ViT-bigG/14 (32 layers, width 1280; 695 M). Data: `--pairs` pairs of photo-like JPEGs at the
-training resolution.
+training resolution. The random weights are drawn on `--device` (seconds on a GPU; a 2.6 B-parameter UNet takes
+minutes on a CPU) and, with `--dtype bf16`, the VAE and text encoders are saved in bfloat16, the dtype every variant
+runs them in (the UNet stays float32: the policy's master weights).
+
+`--prepare DIR` only writes the model, the pairs and the cache into DIR and prints them as JSON; `--variant` (with
+`--model` and `--shards` from it) then runs one variant in its own process and prints its JSON line. This is how
+`scripts/bench/gpu_suite.py` runs each variant under its own time limit.
 """
 
 from __future__ import annotations
@@ -89,7 +98,7 @@ def sd15_modules() -> dict:
     embedding table, so its vocabulary does not change the cost."""
     from diffusers import UNet2DConditionModel
 
-    from mmalign.tiny import word_clip_tokenizer
+    from mmalign.models.tiny import word_clip_tokenizer
 
     return dict(vae=_sd_vae(0.18215), text_encoder=_clip_text(768, 12, 12, "quick_gelu"),
                 tokenizer=word_clip_tokenizer(model_max_length=77), scheduler=_scheduler(),
@@ -102,7 +111,7 @@ def sdxl_modules() -> dict:
     OpenCLIP ViT-bigG/14 with projection (695 M) text encoders."""
     from diffusers import UNet2DConditionModel
 
-    from mmalign.tiny import word_clip_tokenizer
+    from mmalign.models.tiny import word_clip_tokenizer
 
     unet = UNet2DConditionModel(
         sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
@@ -117,8 +126,14 @@ def sdxl_modules() -> dict:
                 tokenizer_2=word_clip_tokenizer(model_max_length=77), scheduler=_scheduler(), unet=unet)
 
 
-def save_pipeline(modules: dict, out_dir: str) -> str:
+def save_pipeline(modules: dict, out_dir: str, encoder_dtype=None) -> str:
+    """Save the modules as a diffusers pipeline folder; `encoder_dtype` casts the VAE and text encoders first."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if encoder_dtype is not None:
+        for name in ("vae", "text_encoder", "text_encoder_2"):
+            if name in modules:
+                modules[name].to(encoder_dtype)
 
     if "text_encoder_2" in modules:
         pipe = StableDiffusionXLPipeline(**modules)
@@ -156,7 +171,7 @@ def jpeg_pairs(out_dir: str, pairs: int, size: int) -> str:
 
 def bench_config(args, variant: str):
     from mmalign.config import validate_config
-    from mmalign.train.config import T2ITrainConfig
+    from mmalign.t2i.task import T2ITrainConfig
 
     model = {"pretrained": args.model, "gradient_checkpointing": args.gradient_checkpointing}
     if variant == "lora":
@@ -165,7 +180,7 @@ def bench_config(args, variant: str):
         "model": model, "method": {"name": "dpo", "beta": 5000},
         "data": {"shards": args.shards, "resolution": args.resolution, "shuffle_buffer": 0,
                  "cache": variant != "naive"},
-        "train": {"max_steps": 1, "batch_size": args.batch,
+        "train": {"max_steps": 1, "batch_size": args.batch, "progress": False,
                   "mixed_precision": {"fp32": "no", "bf16": "bf16"}[args.dtype]},
         "optim": {"name": args.optim, "lr": 1e-6},
     }, "<benchmark>")
@@ -237,7 +252,7 @@ def reset_peak_rss() -> bool:
 def run_variant(args) -> dict:
     import torch
 
-    from mmalign.train.t2i import T2ITask
+    from mmalign.t2i.task import T2ITask
     from mmalign.train.trainer import build_optimizer
 
     import diffusers
@@ -269,19 +284,32 @@ def run_variant(args) -> dict:
     del stream
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
 
-    def step(i):
+    def forward_backward(i):
         with autocast:
             loss, _ = T2ITask.compute_loss(cfg, adapter, unet, unet, batches[i], torch.Generator().manual_seed(i))
         opt.zero_grad(set_to_none=True)
         loss.backward()
+
+    def step(i):
+        forward_backward(i)
         opt.step()
 
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     peak_from_reset = reset_peak_rss()
+    flops = None
     for i in range(args.warmup):
-        step(i)
+        if i == 0:  # count the step's FLOPs once, outside the timed steps (the counter slows the step down)
+            from torch.utils.flop_counter import FlopCounterMode
+
+            counter = FlopCounterMode(display=False)
+            with counter:
+                forward_backward(i)
+            flops = counter.get_total_flops()
+            opt.step()
+        else:
+            step(i)
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0, c0 = time.perf_counter(), time.process_time()
@@ -299,8 +327,50 @@ def run_variant(args) -> dict:
         peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_kib) / 1024
     trainable = sum(p.numel() for p in built.params)
     return {"variant": args.variant, "s_per_step": sec, "cpu_s_per_step": cpu_sec, "peak_mb": peak_mb,
-            "trainable": trainable, "load_avg": os.getloadavg()[0],
+            "flops_per_step": flops, "trainable": trainable, "load_avg": os.getloadavg()[0],
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "peak_measure": "cuda" if device.type == "cuda" else ("steps" if peak_from_reset else "process")}
+
+
+def prepare(args, workdir: str) -> dict:
+    """Write what the variants read into `workdir`: the pipeline (`--sd15-full` / `--sdxl-full`: built with random
+    weights; else `--model` or assets/tiny/sd15), the pair shards (JPEGs at the resolution, or a copy of
+    assets/tiny/pairs) and mmalign's latent + text cache of them. Sets `args.model` / `args.shards`."""
+    import torch
+
+    from mmalign.t2i.task import T2ITask
+
+    t0 = time.perf_counter()
+    if args.model is None and (args.sd15_full or args.sdxl_full):
+        torch.manual_seed(0)
+        with torch.device(args.device):
+            modules = sdxl_modules() if args.sdxl_full else sd15_modules()
+        args.model = save_pipeline(modules, os.path.join(workdir, "pipeline"),
+                                   torch.bfloat16 if args.dtype == "bf16" else None)
+        del modules
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    elif args.model is None:
+        args.model = str(ROOT / "assets" / "tiny" / "sd15")
+    if args.shards is None and (args.sd15_full or args.sdxl_full or args.pairs):
+        n = args.pairs or (args.warmup + args.steps) * args.batch + 1
+        args.shards = jpeg_pairs(os.path.join(workdir, "pairs"), n, args.resolution)
+    elif args.shards is None:
+        args.shards = shutil.copytree(ROOT / "assets" / "tiny" / "pairs", os.path.join(workdir, "pairs"))
+    build_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    T2ITask(bench_config(args, "cached")).build_cache()  # what `mmalign train CONFIG --cache-only` runs
+    return {"model": str(args.model), "shards": str(args.shards), "build_s": build_s,
+            "cache_s": time.perf_counter() - t0}
+
+
+def variant_command(args, variant: str) -> list[str]:
+    """The command line that runs one variant in its own process (it prints one JSON line)."""
+    cmd = [sys.executable, __file__, "--variant", variant, "--model", str(args.model), "--shards",
+           str(args.shards), "--device", args.device, "--dtype", args.dtype, "--resolution", str(args.resolution),
+           "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup), "--optim",
+           args.optim]
+    return cmd + (["--gradient-checkpointing"] if args.gradient_checkpointing else [])
 
 
 def main() -> None:
@@ -313,8 +383,9 @@ def main() -> None:
                                                               "random weights, JPEG pairs at --resolution")
     ap.add_argument("--sdxl-full", action="store_true", help="the SDXL UNet, VAE and both text encoder configs, "
                                                               "random weights, JPEG pairs at --resolution")
-    ap.add_argument("--pairs", type=int, default=None, help="--sd15-full / --sdxl-full: pairs written (default "
-                                                            "(warmup + steps) x batch + 1)")
+    ap.add_argument("--pairs", type=int, default=None, help="JPEG pairs written at --resolution (default with "
+                                                            "--sd15-full / --sdxl-full: (warmup + steps) x batch + "
+                                                            "1; else a copy of assets/tiny/pairs)")
     ap.add_argument("--optim", default="adamw", choices=["adamw", "adafactor"],
                     help="mmalign's optimizer for every variant (the SDXL recipes use Adafactor)")
     ap.add_argument("--device", default="cpu")
@@ -326,6 +397,8 @@ def main() -> None:
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--flops", action="store_true", help="with --sd15-full or --sdxl-full: print the forward FLOPs "
                                                           "of the step's parts (meta device, nothing runs) and exit")
+    ap.add_argument("--prepare", metavar="DIR", help="only write the model, pairs and cache into DIR and print "
+                                                     "them as JSON (then run --variant on them)")
     ap.add_argument("--variant", choices=["naive", "naive-mmalign-optim", "cached", "lora"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.sd15_full and args.sdxl_full:
@@ -338,40 +411,19 @@ def main() -> None:
     if args.variant:  # child process
         print(json.dumps(run_variant(args)))
         return
+    if args.prepare:
+        os.makedirs(args.prepare, exist_ok=True)
+        print(json.dumps(prepare(args, args.prepare)))
+        return
     with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
-        if args.model is None and (args.sd15_full or args.sdxl_full):
-            import torch
-
-            torch.manual_seed(0)
-            modules = sdxl_modules() if args.sdxl_full else sd15_modules()
-            args.model = save_pipeline(modules, os.path.join(tmp, "pipeline"))
-            del modules
-        elif args.model is None:
-            args.model = str(ROOT / "assets" / "tiny" / "sd15")
-        if args.shards is None and (args.sd15_full or args.sdxl_full):
-            n = args.pairs or (args.warmup + args.steps) * args.batch + 1
-            args.shards = jpeg_pairs(os.path.join(tmp, "pairs"), n, args.resolution)
-        elif args.shards is None:
-            args.shards = shutil.copytree(ROOT / "assets" / "tiny" / "pairs", os.path.join(tmp, "pairs"))
-        build_s = time.perf_counter() - t0
-        from mmalign.train.t2i import build_cache
-
-        t0 = time.perf_counter()
-        build_cache(bench_config(args, "cached"), device=args.device, progress=False)
-        cache_s = time.perf_counter() - t0
+        prepared = prepare(args, tmp)
+        build_s, cache_s = prepared["build_s"], prepared["cache_s"]
         rows = []
         variants = ["naive", "naive-mmalign-optim", "cached", "lora"] if args.optim == "adafactor" \
             else ["naive", "cached", "lora"]
         for variant in variants:
-            cmd = [sys.executable, __file__, "--variant", variant, "--model", str(args.model), "--shards",
-                   str(args.shards), "--device", args.device, "--dtype", args.dtype, "--resolution",
-                   str(args.resolution), "--batch", str(args.batch), "--steps", str(args.steps), "--warmup",
-                   str(args.warmup), "--optim", args.optim]
-            if args.gradient_checkpointing:
-                cmd.append("--gradient-checkpointing")
             t1 = time.perf_counter()
-            out = subprocess.run(cmd, capture_output=True, text=True)
+            out = subprocess.run(variant_command(args, variant), capture_output=True, text=True)
             if out.returncode:
                 sys.exit(f"variant {variant} failed:\n{out.stderr[-3000:]}")
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))

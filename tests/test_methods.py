@@ -1,0 +1,118 @@
+"""The method table (`mmalign.methods`): one mapping from method.name / loss_type to the loss core, the same on
+every surrogate kind, with one metric scheme; what a method cannot do is refused by name."""
+
+import math
+
+import pytest
+import torch
+
+from mmalign.losses import diffusion_dpo_loss, dpo_loss, mapo_loss, ranked_dpo_loss
+from mmalign.methods import METHODS, check_method, preference_loss
+from mmalign.models.contract import Surrogates
+
+
+def _errors(k=2, b=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    err = 0.1 + torch.rand(k, b, generator=g, dtype=torch.float64)
+    ref = err + 0.01 * torch.randn(k, b, generator=g, dtype=torch.float64)
+    return Surrogates(-err, -ref, "error", t=torch.arange(b), num_train_timesteps=1000)
+
+
+def _logps(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.randint(1, 9, (2, 5), generator=g)
+    pol = -counts * (1 + torch.rand(2, 5, generator=g, dtype=torch.float64))
+    ref = pol + 0.1 * torch.randn(2, 5, generator=g, dtype=torch.float64)
+    return Surrogates(pol, ref, "logp", counts=counts)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_dpo_on_errors_is_diffusion_dpo_with_and_without_label_smoothing(smoothing):
+    s = _errors()
+    loss, m = preference_loss("dpo", s, beta=4000.0, loss_type="robust", label_smoothing=smoothing)
+    err, ref = -s.policy, -s.reference
+    want, want_m = diffusion_dpo_loss(err[0], err[1], ref[0], ref[1], 4000.0, "robust", smoothing)
+    assert loss.item() == want.item()
+    assert m.keys() == want_m.keys()  # label smoothing changes the loss, not which loss or which metrics
+    assert {"mse/policy_chosen", "mse/ref_rejected", "rewards/accuracies"} <= m.keys()
+    # and it is DPO on the surrogates -err with beta/2
+    same, _ = dpo_loss(s.policy[0], s.policy[1], s.reference[0], s.reference[1], 2000.0, "robust", smoothing)
+    assert loss.item() == pytest.approx(same.item(), rel=1e-12)
+
+
+def test_dpo_on_log_probs_sum_and_per_token():
+    s = _logps()
+    loss, m = preference_loss("dpo", s, beta=0.1, loss_type="ipo")
+    want, _ = dpo_loss(s.policy[0], s.policy[1], s.reference[0], s.reference[1], 0.1, "ipo")
+    assert loss.item() == want.item() and {"logps/chosen", "logps/rejected"} <= m.keys()
+    n = s.counts.double()
+    per_token, _ = preference_loss("dpo", s.per_token(), beta=0.1, loss_type="ipo")
+    want, _ = dpo_loss(s.policy[0] / n[0], s.policy[1] / n[1], s.reference[0] / n[0], s.reference[1] / n[1], 0.1,
+                       "ipo")
+    assert per_token.item() == pytest.approx(want.item(), rel=1e-12)
+
+
+def test_mapo_rankdpo_and_sft_map_to_the_core():
+    s = _errors()
+    loss, m = preference_loss("mapo", s, beta=0.1, mapo_snr_value=0.5)
+    want, _ = mapo_loss(-s.policy[0], -s.policy[1], 0.1, 0.5, 1000)
+    assert loss.item() == want.item() and "mapo/log_odds" in m
+
+    ranked = _errors(k=4, b=3)
+    scores = torch.tensor([[3.0, 1.0, 2.0, 0.0], [0.0, 1.0, 2.0, 3.0], [1.0, 1.0, 0.0, 2.0]])
+    loss, m = preference_loss("rankdpo", ranked, beta=5000.0, scores=scores)
+    want, _ = ranked_dpo_loss(-ranked.policy.T, -ranked.reference.T, scores, 5000.0)
+    assert loss.item() == want.item()
+    assert {"mse/policy", "mse/ref"} <= m.keys() and not {"mse/policy_chosen", "mse/ref_chosen"} & m.keys()
+
+    loss, m = preference_loss("sft", s, beta=1.0)
+    assert loss.item() == (-s.policy[0]).mean().item() and "mse/policy_chosen" in m
+    loss, m = preference_loss("sft", _logps().rows(0), beta=1.0)
+    assert loss.item() == pytest.approx(-_logps().policy[0].mean().item()) and "logps/chosen" in m
+
+
+def test_at_policy_equals_reference_every_dpo_type_starts_where_its_formula_says():
+    s = _errors()
+    same = Surrogates(s.policy, s.policy.detach().clone(), "error")
+    loss, m = preference_loss("dpo", same, beta=5000.0)
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-12) and m["rewards/accuracies"].item() == 0.5
+
+
+@pytest.mark.parametrize("name, kind, loss_type, smoothing, match", [
+    ("mapo", "logp", "sigmoid", 0.0, "not defined on this modality's surrogates"),
+    ("rankdpo", "logp", "sigmoid", 0.0, "not defined on this modality's surrogates"),
+    ("dpo", "error", "nope", 0.0, "loss_type 'nope' is not one of"),
+    ("mapo", "error", "ipo", 0.0, "selects a DPO variant; method 'mapo' has none"),
+    ("dpo", "logp", "hinge", 0.1, "label_smoothing 0.1: only method 'dpo' with loss_type sigmoid or robust"),
+    ("sft", "error", "sigmoid", 0.1, "label_smoothing 0.1"),
+    ("orpo", "logp", "sigmoid", 0.0, "valid methods are dpo, mapo, rankdpo, sft"),
+])
+def test_what_a_method_cannot_do_is_refused_naming_the_key(name, kind, loss_type, smoothing, match):
+    with pytest.raises(ValueError, match=match):
+        check_method(name, kind, loss_type, smoothing)
+
+
+def test_methods_that_need_a_reference_refuse_surrogates_without_one():
+    s = _errors()
+    no_ref = Surrogates(s.policy, None, "error", num_train_timesteps=1000)
+    for name, spec in METHODS.items():
+        if spec.needs_reference:
+            with pytest.raises(ValueError, match="needs reference surrogates"):
+                preference_loss(name, no_ref, beta=1.0, scores=torch.zeros(6, 2))
+        else:
+            preference_loss(name, no_ref, beta=1.0)
+
+
+def test_config_level_refusals_name_the_key():
+    from mmalign.config import ConfigError, validate_config
+    from mmalign.t2i.task import T2ITrainConfig
+
+    base = {"model": {"pretrained": "x"}, "data": {"shards": "x", "resolution": 32}, "train": {"max_steps": 1}}
+    with pytest.raises(ConfigError, match="model.reference 'precomputed' is not available here"):
+        validate_config(T2ITrainConfig, {**base, "model": {"pretrained": "x", "reference": "precomputed"}})
+    with pytest.raises(ConfigError, match="model.reference 'lora' needs model.lora"):
+        validate_config(T2ITrainConfig, {**base, "model": {"pretrained": "x", "reference": "lora"}})
+    cfg = validate_config(T2ITrainConfig, {**base, "method": {"name": "sft"}})
+    assert cfg.reference_mode() == "none"
+    cfg = validate_config(T2ITrainConfig, {**base, "model": {"pretrained": "x", "lora": {"rank": 2}}})
+    assert cfg.reference_mode() == "lora"
