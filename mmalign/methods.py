@@ -11,8 +11,12 @@ method means the same on every modality and logs the same names:
 | `sft` | winners | no | error, logp | mean error of the winners / their negative log-likelihood |
 
 `loss_type` picks a DPO variant (`mmalign.losses.DPO_LOSS_TYPES`, TRL's names) for `dpo`; `label_smoothing` is
-used by the loss types that define it (sigmoid, robust) and refused by the others. Sequence surrogates are sums
-of token log-probs; `surrogate="mean"` divides them by the token counts (length-normalised variants).
+used by the loss types that define it (sigmoid, robust) and refused by the others.
+
+Sequence surrogates (kind "logp") are what each loss type's definition uses (`sequence_surrogate`): the summed
+token log-probs for every type except `ipo`, whose log-ratios are length-normalised (per-token means: Azar et al.
+2023; TRL divides by the completion length). A task's `surrogate: auto` takes that; `mean` with another type is a
+length-normalised variant; `sum` with `ipo` is refused. Diffusion errors are already means over C,H,W.
 
 Metric names (TRL's, the same for every modality): `loss` (added by the loop), `rewards/chosen`,
 `rewards/rejected`, `rewards/margins`, `rewards/accuracies`; then per surrogate kind, pairs: `mse/policy_chosen`,
@@ -51,6 +55,26 @@ METHODS: dict[str, Method] = {
     "rankdpo": Method("rankdpo", "ranked", True, ("error",), {"error": 5000.0}),
     "sft": Method("sft", "pair", False, ("error", "logp"), {"error": 1.0, "logp": 1.0}),
 }
+
+
+# loss types defined on per-token mean log-ratios of sequences; every other type uses summed log-probs
+PER_TOKEN_LOSS_TYPES = ("ipo",)
+
+
+def sequence_surrogate(loss_type: str, requested: str = "auto", where: str = "method") -> str:
+    """"sum" or "mean": the sequence surrogate a loss type uses. `requested` "auto" is the type's own (mean for
+    ipo, sum otherwise); "mean" is always allowed (length-normalised variants); "sum" with a per-token type is
+    refused, naming the keys."""
+    own = "mean" if loss_type in PER_TOKEN_LOSS_TYPES else "sum"
+    if requested == "auto":
+        return own
+    if requested not in ("sum", "mean"):
+        raise ValueError(f"{where}.surrogate {requested!r}: valid values are auto, sum and mean")
+    if requested == "sum" and own == "mean":
+        raise ValueError(f"{where}.surrogate 'sum' with {where}.loss_type {loss_type!r}: {loss_type} is defined on "
+                         "length-normalised (per-token mean) log-ratios (TRL divides by the completion length); "
+                         f"use {where}.surrogate auto or mean")
+    return requested
 
 
 def check_method(name: str, kind: str, loss_type: str = "sigmoid", label_smoothing: float = 0.0,

@@ -116,3 +116,20 @@ def test_config_level_refusals_name_the_key():
     assert cfg.reference_mode() == "none"
     cfg = validate_config(T2ITrainConfig, {**base, "model": {"pretrained": "x", "lora": {"rank": 2}}})
     assert cfg.reference_mode() == "lora"
+
+
+def test_each_sequence_loss_type_gets_the_surrogate_its_definition_needs():
+    """IPO (and TRL) use per-token mean log-ratios; the other types summed log-probs; sum with ipo is refused."""
+    from mmalign.methods import sequence_surrogate
+    from mmalign.vlm.task import VLMMethodConfig
+
+    assert sequence_surrogate("ipo") == "mean" and sequence_surrogate("sigmoid") == "sum"
+    assert sequence_surrogate("sigmoid", "mean") == "mean"
+    with pytest.raises(ValueError, match="surrogate 'sum' with method.loss_type 'ipo'"):
+        VLMMethodConfig(loss_type="ipo", surrogate="sum")
+    assert VLMMethodConfig(loss_type="ipo").surrogate == "auto"
+    # the two differ on answers of different lengths: the TRL value is the per-token one
+    s = _logps()
+    by_sum, _ = preference_loss("dpo", s, beta=0.1, loss_type="ipo")
+    by_mean, _ = preference_loss("dpo", s.per_token(), beta=0.1, loss_type="ipo")
+    assert abs(by_sum.item() - by_mean.item()) > 1e-3

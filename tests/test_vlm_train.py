@@ -65,7 +65,8 @@ def test_every_dpo_loss_type_matches_the_core_on_adapter_logps(toy_vlm, pairs, l
     with torch.no_grad():
         pol = adapter.policy_logps(inputs).split(4)
     ref = adapter.reference_logps(inputs).split(4)
-    want, _ = dpo_loss(pol[0].sum, pol[1].sum, ref[0].sum, ref[1].sum, 0.1, loss_type)
+    kind = "mean" if loss_type == "ipo" else "sum"  # IPO is defined on length-normalised log-ratios (as TRL)
+    want, _ = dpo_loss(*(getattr(x, kind) for x in (pol[0], pol[1], ref[0], ref[1])), 0.1, loss_type)
     assert loss.item() == pytest.approx(want.item(), rel=1e-4, abs=1e-5)
     assert set(metrics) >= {"rewards/chosen", "rewards/margins", "rewards/accuracies", "logps/chosen", "sft/nll"}
 

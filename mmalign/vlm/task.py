@@ -24,7 +24,8 @@ policy and the reference; the loss is `mmalign.losses.dpo_loss` on them (every `
 - `online_weight` (BDHS online mode): rejected answers regenerated from the current policy with the image mostly
   hidden (`mmalign.vlm.bdhs.bdhs_rejected`), mixed as `(1 - w) · offline + w · online`.
 
-`surrogate="mean"` uses per-token mean log-probs instead of sums (length-normalised variants). `name="sft"` is the
+`surrogate` is `auto` by default: the loss type's own (per-token mean log-probs for `ipo`, sums for the others);
+`"mean"` uses per-token means with any type (length-normalised variants); `"sum"` with `ipo` is refused. `name="sft"` is the
 SFT-only control: the chosen answers' NLL alone (no reference, no rejected answers).
 """
 
@@ -38,7 +39,7 @@ from pydantic import Field, model_validator
 
 from mmalign.config import StrictModel
 from mmalign.losses import DPO_LOSS_TYPES
-from mmalign.methods import METHODS, check_method, preference_loss
+from mmalign.methods import METHODS, check_method, preference_loss, sequence_surrogate
 from mmalign.models.reference import ReferenceChoice, resolve_reference
 from mmalign.train.config import BaseTrainConfig
 from mmalign.train.tasks import Built, SkipBatch, Task
@@ -54,8 +55,10 @@ class VLMMethodConfig(StrictModel):
                                                "(summed response log-probs).")
     loss_type: str = Field("sigmoid", description=f"DPO variant (TRL's names), one of {', '.join(DPO_LOSS_TYPES)}.")
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="Only for loss types sigmoid and robust.")
-    surrogate: Literal["sum", "mean"] = Field("sum", description="Response log-likelihood: sum over tokens (DPO) "
-                                                                 "or per-token mean (length-normalised).")
+    surrogate: Literal["auto", "sum", "mean"] = Field(
+        "auto", description="Response log-likelihood the DPO loss compares: auto = the loss type's own (per-token "
+                            "mean for ipo, sum over tokens for the others; mmalign.methods.sequence_surrogate); "
+                            "mean = per-token mean with any type (length-normalised); sum with ipo is refused.")
     sft_weight: float = Field(0.0, ge=0.0, description="Weight of the chosen answers' NLL added to the DPO loss; "
                                                        "0 = pure DPO.")
     sft_reduction: Literal["sum", "mean"] = Field("mean", description="NLL of the SFT term per sample: summed "
@@ -72,6 +75,7 @@ class VLMMethodConfig(StrictModel):
     @model_validator(mode="after")
     def _check(self) -> "VLMMethodConfig":
         check_method(self.name, "logp", self.loss_type, self.label_smoothing, where="method")
+        sequence_surrogate(self.loss_type, self.surrogate)
         if self.name == "sft" and (self.rejected_images or self.online_weight):
             raise ValueError("method.name 'sft' uses the chosen answers only; rejected_images and online_weight "
                              "need 'dpo'")
@@ -115,7 +119,7 @@ def vlm_preference_loss(adapter, batch: dict[str, Any], method: VLMMethodConfig,
         extra = _online_rejected(adapter, batch, method, generator or torch.Generator().manual_seed(0))
     s = adapter.surrogates(policy, batch, with_reference=True, rejected_images=method.rejected_images,
                            extra_rejected=extra)
-    scored = s.per_token() if method.surrogate == "mean" else s
+    scored = s.per_token() if sequence_surrogate(method.loss_type, method.surrogate) == "mean" else s
 
     def pair(w: int, l: int):
         return preference_loss("dpo", scored.rows(w, l), beta=method.beta, loss_type=method.loss_type,
