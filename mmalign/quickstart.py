@@ -65,6 +65,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def score_notes(images, prompts) -> list[str]:
+    """Each image's ground-truth scores, as the grid's captions show them."""
+    from mmalign.toy import experiment as ex
+
+    r = ex.rewards(images, prompts)
+    return [f"colour {r['color'][i]:.2f} total {r['total'][i]:.2f}" for i in range(len(prompts))]
+
+
 def quickstart(out: Path, base: str, n_prompts: int, k: int, n_eval: int, sample_steps: int, seed: int,
                overrides: list[str]) -> dict:
     """Run the five stages; returns the report (also written to `out/report.json`)."""
@@ -112,7 +120,9 @@ def quickstart(out: Path, base: str, n_prompts: int, k: int, n_eval: int, sample
     print(f"[5/5] writing the report -> {out}")
     ex.write_samples(out, base_images, aligned_images, eval_prompts, eval_seeds)
     rows = min(8, n_eval // 4) or 1
-    ex.side_by_side_grid(base_images, aligned_images, rows=rows, cols=min(4, n_eval)).save(out / "grid.png")
+    ex.side_by_side_grid(base_images, aligned_images, rows=rows, cols=min(4, n_eval), captions=eval_prompts,
+                         base_notes=score_notes(base_images, eval_prompts),
+                         aligned_notes=score_notes(aligned_images, eval_prompts)).save(out / "grid.png")
     from mmalign.train.metrics import read_metrics
 
     metrics = read_metrics(result.run_dir)
@@ -155,7 +165,8 @@ prompts (one image per prompt and model, the same seed for both).
 
 ![base (left) vs aligned (right), same seeds](grid.png)
 
-`grid.png`: base model on the left, aligned model on the right, same prompts and seeds in the same places.
+`grid.png`: base model on the left, aligned model on the right, same prompts and seeds in the same places; under
+each image its prompt and its ground-truth colour and total rewards.
 Every evaluated image is in `samples/base/` and `samples/aligned/`; `samples/prompts.jsonl` gives each file's
 prompt and seed.
 

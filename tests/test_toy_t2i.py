@@ -142,6 +142,23 @@ def test_side_by_side_grid_places_base_left_and_aligned_right():
     assert grid[:, :64].max() == 0 and grid[:, 72:].min() == 200
 
 
+def test_captioned_grid_labels_the_sides_and_puts_each_prompt_and_score_under_its_image():
+    base = np.full((4, 32, 32, 3), 120, np.uint8)
+    aligned = np.full((4, 32, 32, 3), 200, np.uint8)
+    prompts = ["a red circle on the left", "a blue square on the right", "a green triangle on the center", "x"]
+    notes = [f"colour {i / 4:.2f}" for i in range(4)]
+    plain = np.asarray(ex.side_by_side_grid(base, aligned, rows=2, cols=2, scale=2))
+    arr = np.asarray(ex.side_by_side_grid(base, aligned, rows=2, cols=2, scale=2, captions=prompts,
+                                          base_notes=notes, aligned_notes=notes))
+    assert arr.shape[0] > plain.shape[0]  # caption bands and the base / aligned headers
+    assert not (plain < 50).all(-1).any() and (arr < 50).all(-1).any()  # black text only where captions are
+    other = np.asarray(ex.side_by_side_grid(base, aligned, rows=2, cols=2, scale=2, captions=prompts[::-1],
+                                            base_notes=notes, aligned_notes=notes))
+    assert other.shape == arr.shape and (other != arr).any()  # the text drawn is the captions'
+    with pytest.raises(ValueError, match="needs 4 captions"):
+        ex.side_by_side_grid(base, aligned, rows=2, cols=2, captions=prompts[:2])
+
+
 def test_shortened_quickstart_writes_every_promised_file(tmp_path):
     from mmalign.cli import main
 
