@@ -41,13 +41,24 @@ def yaml_load(text: str):
 
 
 class StrictModel(BaseModel):
-    """Base for every config section: unknown keys are errors, assignments are validated."""
+    """Base for every config section: unknown keys are errors, assignments are validated, and floats must be
+    finite (`.inf` / `.nan` are refused: no setting of ours means anything when infinite)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(),
+                              allow_inf_nan=False)
 
 
 class ConfigError(ValueError):
     """A config could not be loaded; the message names each bad key and its source."""
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """One line for a YAML error: what is wrong and where (line, column), without the quoted snippet."""
+    problem = getattr(err, "problem", None)
+    mark = getattr(err, "problem_mark", None)
+    if problem is None:
+        return " ".join(str(err).split())
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else problem
 
 
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
@@ -55,9 +66,13 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml_load(path.read_text())
+        data = yaml_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not a YAML text file (byte {err.start} is not UTF-8 text)") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the config file: {err.strerror or err}") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(err)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -74,7 +89,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml_load(raw) if raw.strip() else None
     except yaml.YAMLError as err:
-        raise ConfigError(f"command line: value of override {key!r} is not valid YAML: {err}") from err
+        raise ConfigError(f"command line: value of override {key!r} is not valid YAML: {_yaml_problem(err)}") from None
     return key.split("."), value
 
 
@@ -98,19 +113,32 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> tuple[dic
     return data, touched
 
 
+_MAX_GOT = 80  # characters of a bad value echoed back
+
+
 def _format_errors(err: ValidationError, source: str, touched: set[str]) -> str:
     lines = []
     for item in err.errors():
-        key = ".".join(str(p) for p in item["loc"]) or "<top level>"
-        where = "command line" if any(key == t or key.startswith(t + ".") for t in touched) else source
+        key = ".".join(str(p) for p in item["loc"])
+        where = "command line" if key and any(key == t or key.startswith(t + ".") for t in touched) else source
         kind = item["type"]
         if kind == "extra_forbidden":
             lines.append(f"{where}: unknown key {key!r}")
         elif kind == "missing":
             lines.append(f"{where}: missing required key {key!r}")
+        elif kind in ("value_error", "assertion_error") and isinstance(item.get("input"), dict):
+            # A validator over a section or the whole config: its message names the keys at fault; the input
+            # is the section itself, which would only bury the message.
+            msg = item["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
+            named = sorted(t for t in touched if t in msg or (key and t.startswith(key + ".")))
+            if named:
+                where = f"{source} with command line {', '.join(named)}"
+            lines.append(f"{where}: key {key!r}: {msg}" if key else f"{where}: {msg}")
         else:
-            got = item.get("input")
-            lines.append(f"{where}: key {key!r}: {item['msg']} (got {got!r})")
+            got = repr(item.get("input"))
+            if len(got) > _MAX_GOT:
+                got = got[:_MAX_GOT - 3] + "..."
+            lines.append(f"{where}: key {key!r}: {item['msg']} (got {got})")
     return "\n".join(lines)
 
 

@@ -58,7 +58,10 @@ def test_center_crop_matches_transformers_clip_image_processor():
 def test_letterbox_by_hand():
     im = rgb(3, 30, 60)  # h=30, w=60 -> scale 32/60 -> (16, 32): 8 black rows above and below
     out = ImagePreprocess("letterbox", size=32).from_pil([im])[0].numpy()
-    resized = np.asarray(im.resize((32, 16), Image.Resampling.BICUBIC), dtype=np.float64) / 255.0
+    # HPSv2 resizes the float image (ToTensor first): no uint8 step, no clamp
+    x = torch.from_numpy(np.array(im)).permute(2, 0, 1).float().div(255)[None]
+    resized = torch.nn.functional.interpolate(x, size=(16, 32), mode="bicubic", align_corners=False,
+                                              antialias=True)[0].permute(1, 2, 0).double().numpy()
     black = normalized(np.zeros((1, 1, 3)))[:, 0, 0]
     np.testing.assert_allclose(out[:, 8:24, :], normalized(resized), atol=1e-5)
     np.testing.assert_allclose(out[:, :8, :], np.broadcast_to(black[:, None, None], (3, 8, 32)), atol=1e-6)

@@ -68,6 +68,78 @@ def test_ranked_round_trip_and_resume(tmp_path):
     assert stats["mean"] == pytest.approx(np.mean(raw["toy_color"]))
 
 
+def _staged_run(out, gens, prompts=PROMPTS):
+    """A run killed after its first prompt was staged."""
+    gens[0].fail_after = 1
+    with pytest.raises(RuntimeError, match="interrupted"):
+        build_ranked_set(prompts, gens, ["toy_color"], out, k=3, seed=7, batch_size=3, progress=False)
+    assert (out / ".staging" / "000000000.json").is_file()
+    gens[0].fail_after = None
+
+
+def test_ranked_resume_is_keyed_on_prompts_and_generator_settings(tmp_path):
+    out = tmp_path / "ranked"
+    gens = [ToyGenerator("g0"), ToyGenerator("g1")]
+    for g in gens:
+        g.settings = {"steps": 2, "guidance_scale": 7.5, "resolution": 32}
+    _staged_run(out, gens)
+    other = ["a yellow circle on the right"] + PROMPTS[1:]  # another prompts file: prompt 0 differs
+    with pytest.raises(ValueError, match=r"prompts"):
+        build_ranked_set(other, gens, ["toy_color"], out, k=3, seed=7, batch_size=3, progress=False)
+    with pytest.raises(ValueError, match=r"prompts"):  # --limit: a prefix of the same file is another input too
+        build_ranked_set(PROMPTS[:2], gens, ["toy_color"], out, k=3, seed=7, batch_size=3, progress=False)
+    gens[0].settings = {**gens[0].settings, "steps": 3}  # --steps 3
+    with pytest.raises(ValueError, match=r"generator settings.*steps"):
+        build_ranked_set(PROMPTS, gens, ["toy_color"], out, k=3, seed=7, batch_size=3, progress=False)
+    assert (out / ".staging" / "000000000.json").is_file()  # a refusal leaves the staged run alone
+
+    # overwrite starts again from nothing: no staged image of the old run is reused
+    gens[0].calls.clear()
+    manifest = build_ranked_set(other, gens, ["toy_color"], out, k=3, seed=7, batch_size=3, progress=False,
+                                overwrite=True)
+    assert gens[0].calls == [[p, p] for p in other]
+    assert manifest.num_samples == 3 and [s["caption"] for s in RankedDataset(out)] == other
+
+
+def test_selfgen_ranked_cli_refuses_a_resume_with_other_steps(tmp_path, monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from mmalign.cli import main
+    from mmalign.selfgen import ranked
+
+    calls = []
+
+    class Killed(Exception):
+        pass
+
+    def fake_pipe(prompt, num_inference_steps, guidance_scale, generator, output_type, **size):
+        if len(calls) == 1 and num_inference_steps == 2:
+            raise Killed
+        calls.append((list(prompt), num_inference_steps))
+        imgs = ToyGenerator("x")(prompt, [int(g.initial_seed()) for g in generator])
+        return SimpleNamespace(images=imgs)
+
+    def post_init(self):
+        self.pipe, self.name = fake_pipe, self.name or self.source
+
+    monkeypatch.setattr(ranked.DiffusersGenerator, "__post_init__", post_init)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle on the left\na blue square on the right\n")
+    out = tmp_path / "synpic"
+    args = ["selfgen", "ranked", "--generators", "fake-sd", "--prompts", str(prompts), "--k", "2",
+            "--scorers", "toy_color", "--out", str(out), "--batch-size", "2", "--no-progress"]
+    with pytest.raises(Killed):
+        main([*args, "--steps", "2"])
+    assert (out / ".staging" / "000000000.json").is_file()
+    capsys.readouterr()
+    assert main([*args, "--steps", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "steps" in err and "--overwrite" in err
+    calls.clear()
+    assert main([*args, "--steps", "3", "--overwrite"]) == 0
+    assert calls == [(["a red circle on the left"] * 2, 3), (["a blue square on the right"] * 2, 3)]
+
+
 def test_ranked_rejects_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="k must be >= 2"):
         build_ranked_set(PROMPTS, [ToyGenerator("g")], ["toy_color"], tmp_path / "a", k=1, progress=False)

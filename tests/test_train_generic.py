@@ -215,10 +215,12 @@ def test_resume_never_unpickles_the_stateful_objects(registered, tmp_path):
     assert saved["last_epoch"] == 2
     marker = tmp_path / "payload-ran"
     torch.save({"last_epoch": _Payload(str(marker))}, checkpoint / "stateful_0.pt")
+    ckpt.write_completion_marker(checkpoint)  # the attacker makes the checkpoint look complete
     with pytest.raises(pickle.UnpicklingError, match="stateful_0.pt: refused"):
         train(cfg_for(tmp_path, "train.max_steps=3", "run.resume=latest"))
     assert not marker.exists()
     (checkpoint / "stateful_0.pt").rename(checkpoint / "custom_checkpoint_0.pkl")  # an older layout: refused too
+    (checkpoint / ckpt.MARKER).unlink()  # (older checkpoints have no completion marker)
     with pytest.raises(pickle.UnpicklingError, match="earlier mmalign"):
         train(cfg_for(tmp_path, "train.max_steps=3", "run.resume=latest"))
     assert not marker.exists()

@@ -221,8 +221,7 @@ def test_over_long_prompts_are_skipped_and_counted_not_taken_for_non_finite_loss
     from transformers import AutoModelForImageTextToText
 
     from mmalign.train.metrics import read_metrics
-    from mmalign.train.trainer import train
-    from mmalign.vlm.adapter import PromptTooLongError
+    from mmalign.train.trainer import DataError, train
 
     result = train(_config(toy_vlm, pairs, tmp_path, **{"model.max_prompt_length": 10, "train.max_steps": 6,
                                                          "train.max_consecutive_nonfinite": 2}))
@@ -233,6 +232,6 @@ def test_over_long_prompts_are_skipped_and_counted_not_taken_for_non_finite_loss
     base = dict(AutoModelForImageTextToText.from_pretrained(toy_vlm).named_parameters())
     for name, p in result.module.named_parameters():
         assert torch.equal(p.detach(), base[name].detach()), name
-    with pytest.raises(PromptTooLongError, match="max_prompt_length=10"):
+    with pytest.raises(DataError, match="data.strict: sample .* max_prompt_length=10"):
         train(_config(toy_vlm, pairs, tmp_path / "strict", **{"model.max_prompt_length": 10,
                                                                "data.strict": "true"}))

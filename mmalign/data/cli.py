@@ -43,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     val.add_argument("dir", help="shard-set folder (with manifest.json)")
     val.add_argument("--no-decode", action="store_true", help="skip decoding media (structure and checksums only)")
     val.add_argument("--max-print", type=int, default=200, help="print at most this many errors (default 200)")
+    val.add_argument("--max-member-bytes", default=None,
+                     help="report tar members larger than this without reading them, e.g. 512MiB (default: 512MiB "
+                          "or MMALIGN_MAX_MEMBER_BYTES)")
     val.set_defaults(_shards=_validate)
 
     info = sub.add_parser("info", help="summarise a shard set from its manifest",
@@ -105,6 +108,10 @@ def _convert(args: argparse.Namespace) -> int:
           f"{counts.get('dropped', 0)} dropped ({reasons})")
     print(f"ties: {counts.get('ties', 0)} seen, {counts.get('ties_dropped', 0)} dropped, "
           f"{counts.get('ties_kept', 0)} kept, {counts.get('ties_coin', 0)} resolved by coin (policy {args.ties})")
+    absent = manifest.conversion.get("absent_columns")
+    if absent:
+        print(f"absent columns (not carried): {', '.join(absent)}"
+              + ("; without has_label every row counts as labeled" if "has_label" in absent else ""))
     print(f"wrote {manifest.num_samples} {manifest.schema_name} samples in {len(manifest.shards)} shard(s), "
           f"{manifest.total_bytes / 2**20:.1f} MiB, to {args.out}")
     return 0
@@ -113,9 +120,15 @@ def _convert(args: argparse.Namespace) -> int:
 def _validate(args: argparse.Namespace) -> int:
     from mmalign.data.deps import MissingDependencyError
     from mmalign.data.validate import validate_shards
+    from mmalign.data.writer import parse_size
 
     try:
-        report = validate_shards(args.dir, decode=not args.no_decode)
+        limit = None if args.max_member_bytes is None else parse_size(args.max_member_bytes)
+    except ValueError as err:
+        print(f"mmalign shards validate: --max-member-bytes: {err}", file=sys.stderr)
+        return 2
+    try:
+        report = validate_shards(args.dir, decode=not args.no_decode, max_member_bytes=limit)
     except MissingDependencyError as err:
         print(f"mmalign shards validate: {err}", file=sys.stderr)
         return 1

@@ -6,7 +6,8 @@ the preferred items and rows B..2B-1 their rejected partners (row i and row B+i 
 Every batch also carries:
 - `keys`, `shards`: where each sample came from;
 - `skipped` (int), `skip_reasons` ({stage: count}): bad samples the worker skipped just before this batch's
-  samples, for per-step logs (skips after a worker's last sample show only in the dataset's `stats`);
+  samples, for per-step logs (skips after a worker's last sample show only in the dataset's `stats`;
+  `mmalign.train.data.endless_batches` adds them to the pass's last batch);
 - `cursor`: the read position for `DataCursor` (exact resume).
 """
 

@@ -4,6 +4,8 @@ Each converter reads its inputs in a fixed order (files sorted by name, rows in 
 sample the key `<file stem>-<row, 9 digits>`, so keys come out sorted without a global sort and the same input
 always gives byte-identical shards. Rows that cannot be used are dropped, counted by reason and logged with file
 and row (`strict=True` stops at the first one instead); the counts go into `manifest.json` under `conversion`.
+A conversion that keeps no row raises `ConversionError` naming its inputs and writes no shard set; so does an input
+file that is not what its format needs (not parquet, not UTF-8 text, a required column of the wrong type).
 Paths written inside an input (image / video paths) must stay inside their base folder.
 
 Re-running an interrupted conversion with the same inputs and options resumes it: the finished shards are checked
@@ -26,6 +28,7 @@ import base64
 import csv
 import json
 import logging
+import math
 import os
 import random
 from collections import Counter
@@ -39,14 +42,15 @@ from mmalign.data.safety import UnsafeSourceError, safe_join
 from mmalign.data.schemas import (
     SampleError, is_mp4, pair_sample, ranked_sample, sanitize_key, video_pair_sample, vlm_pair_sample,
 )
-from mmalign.data.writer import DEFAULT_MAX_BYTES, DEFAULT_MAX_COUNT, ShardSetWriter, parse_size
+from mmalign.data.writer import DEFAULT_MAX_BYTES, DEFAULT_MAX_COUNT, JOURNAL_NAME, ShardSetWriter, parse_size
 
 logger = logging.getLogger("mmalign.data.convert")
 
 TiePolicy = Literal["drop", "keep", "coin"]
-PICKAPIC_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1", "has_label", "model_0", "model_1",
-                    "ranking_id", "user_id", "num_example_per_prompt")
-PICKAPIC_ID_COLUMNS = ("image_0_uid", "image_1_uid", "best_image_uid")
+PICKAPIC_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")  # what a pair needs
+PICKAPIC_ID_COLUMNS = ("ranking_id", "user_id", "num_example_per_prompt", "image_0_uid", "image_1_uid",
+                       "best_image_uid")
+PICKAPIC_OPTIONAL_COLUMNS = ("has_label", "model_0", "model_1", *PICKAPIC_ID_COLUMNS)  # carried when present
 VIDEOALIGN_COLUMNS = ("path_A", "path_B", "prompt", "VQ", "MQ", "TA", "fps_A", "num_frames_A", "fps_B",
                       "num_frames_B")
 
@@ -202,11 +206,33 @@ def _write(out: str | os.PathLike, schema: str, samples: Iterator[dict], ctx: _C
         for sample in samples:  # the generator starts here, after resume_after is known
             ctx.counts.kept += 1
             writer.write(sample, progress={"key": sample["__key__"], "counts": ctx.counts.state()})
+        if not ctx.counts.kept:  # a shard set of nothing is an error, not a result
+            writer.abort()
+            (Path(out) / JOURNAL_NAME).unlink(missing_ok=True)
+            inputs = [i["name"] for i in info.get("inputs", [])]
+            names = ", ".join(inputs[:5]) + (f" and {len(inputs) - 5} more" if len(inputs) > 5 else "") or str(out)
+            raise ConversionError(f"{names}: nothing usable: {ctx.counts.summary()}; no shard set was written")
         writer.set_conversion({**info, "options": options, "counts": ctx.counts.to_dict()})
         manifest = writer.close()
-    if ctx.counts.rows and not ctx.counts.kept:
-        logger.warning("%s: no row was kept (%s)", out, ctx.counts.summary())
     return manifest
+
+
+def _read_text(path: Path, what: str) -> str:
+    """A text input, or a ConversionError naming the file (missing, unreadable, not UTF-8)."""
+    try:
+        return path.read_bytes().decode("utf-8")  # newlines as stored (the CSV reader wants them)
+    except UnicodeDecodeError as err:
+        raise ConversionError(f"{path}: not a {what} (not UTF-8 text: {err.reason} at byte {err.start})") from None
+    except OSError as err:
+        raise ConversionError(f"{path}: cannot read: {err.strerror or err}") from None
+
+
+def _open_parquet(pq: Any, path: Path) -> Any:
+    """`pq.ParquetFile(path)`, or a ConversionError naming the file when it is not a readable parquet file."""
+    try:
+        return pq.ParquetFile(path)
+    except Exception as err:  # pyarrow raises ArrowInvalid / ArrowIOError / OSError for the same cause
+        raise ConversionError(f"{path}: not a parquet file ({err})") from None
 
 
 def _limited(ctx: _Ctx) -> bool:
@@ -225,12 +251,9 @@ def _read_file(base: Path, rel: str, where: str, what: str) -> bytes:
 def _pickapic_items(pq: Any, files: list[tuple[str, Path]], ctx: _Ctx) -> Iterator[tuple[str, str, dict]]:
     """Rows of the parquet files (`pq`: pyarrow.parquet); row groups a resumed run already wrote are not read."""
     for stem, path in files:
-        pf = pq.ParquetFile(path)
+        pf = _open_parquet(pq, path)
         names = pf.schema_arrow.names
-        missing = [c for c in PICKAPIC_COLUMNS if c not in names]
-        if missing:
-            raise ConversionError(f"{path}: not a Pick-a-Pic parquet: missing columns {missing} (found {names})")
-        columns = list(PICKAPIC_COLUMNS) + [c for c in PICKAPIC_ID_COLUMNS if c in names]
+        columns = list(PICKAPIC_COLUMNS) + [c for c in PICKAPIC_OPTIONAL_COLUMNS if c in names]
         row, groups = 0, list(range(pf.metadata.num_row_groups))
         while groups and ctx.resume_after is not None:
             n = pf.metadata.row_group(groups[0]).num_rows
@@ -242,35 +265,93 @@ def _pickapic_items(pq: Any, files: list[tuple[str, Path]], ctx: _Ctx) -> Iterat
             continue
         for batch in pf.iter_batches(batch_size=128, row_groups=groups, columns=columns):
             for rec in batch.to_pylist():
+                rec["__dir__"] = path.parent  # the base of image paths in `{bytes, path}` structs
                 yield _row_key(stem, row), f"{path.name} row {row}", rec
                 row += 1
 
 
+def _pickapic_check(pq: Any, path: Path) -> tuple[int, list[str]]:
+    """Open one Pick-a-Pic parquet and check the columns a pair needs and their types; returns (rows, the
+    optional columns it lacks)."""
+    import pyarrow.types as pat
+
+    pf = _open_parquet(pq, path)
+    schema = pf.schema_arrow
+    names = schema.names
+    missing = [c for c in PICKAPIC_COLUMNS if c not in names]
+    if missing:
+        raise ConversionError(f"{path}: not a Pick-a-Pic parquet: missing columns {missing} (found {names}); a pair "
+                              f"needs {', '.join(PICKAPIC_COLUMNS)}")
+
+    def image_type(t: Any) -> bool:
+        if pat.is_binary(t) or pat.is_large_binary(t) or pat.is_fixed_size_binary(t):
+            return True
+        return pat.is_struct(t) and any(t.field(i).name in ("bytes", "path") for i in range(t.num_fields))
+
+    checks = {"caption": (lambda t: pat.is_string(t) or pat.is_large_string(t), "a string"),
+              "jpg_0": (image_type, "image bytes or {bytes, path} structs"),
+              "jpg_1": (image_type, "image bytes or {bytes, path} structs"),
+              "label_0": (lambda t: pat.is_integer(t) or pat.is_floating(t), "a number"),
+              "label_1": (lambda t: pat.is_integer(t) or pat.is_floating(t), "a number")}
+    for column, (ok, expected) in checks.items():
+        t = schema.field(column).type
+        if not ok(t):
+            raise ConversionError(f"{path}: column {column} holds {t}, expected {expected}")
+    return pf.metadata.num_rows, [c for c in PICKAPIC_OPTIONAL_COLUMNS if c not in names]
+
+
+def _label_number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _pickapic_image(item: Any, base: Path | None, where: str) -> bytes:
+    """Image bytes from a Pick-a-Pic cell: bytes, or a `{bytes, path}` struct (HF datasets' Image layout; a path
+    is relative to the parquet file's folder)."""
+    if isinstance(item, dict) and not item.get("bytes") and item.get("path") and base is None:
+        raise ValueError("an image path without a base folder")
+    if isinstance(item, str):  # a string column is refused up front; a row never names a file by itself
+        raise ValueError("an image must be bytes or a {bytes, path} struct")
+    data = _image_bytes(item, base or Path("."), where)
+    if not data:
+        raise ValueError("empty image bytes")
+    return data
+
+
 def _pickapic_sample(rec: dict, key: str, where: str, ctx: _Ctx) -> dict | None:
-    if not rec["has_label"]:
+    if "has_label" in rec and not rec["has_label"]:
         ctx.drop(where, "unlabeled")
         return None
-    l0, l1 = rec["label_0"], rec["label_1"]
+    l0, l1 = _label_number(rec["label_0"]), _label_number(rec["label_1"])
     if l0 not in (0, 0.5, 1) or l1 is None or abs(l0 + l1 - 1) > 1e-6:
-        ctx.drop(where, "bad_label", f"label_0={l0}, label_1={l1} (valid: 0/1, 1/0, 0.5/0.5)")
+        ctx.drop(where, "bad_label", f"label_0={rec['label_0']!r}, label_1={rec['label_1']!r} "
+                                     "(valid: 0/1, 1/0, 0.5/0.5)")
         return None
     if not isinstance(rec["caption"], str):
         ctx.drop(where, "no_caption")
         return None
-    if not rec["jpg_0"] or not rec["jpg_1"]:
-        ctx.drop(where, "bad_image", "empty image bytes")
+    try:
+        images = [_pickapic_image(rec[c], rec.get("__dir__"), where) for c in ("jpg_0", "jpg_1")]
+    except UnsafeSourceError:
+        raise
+    except OSError as err:
+        ctx.drop(where, "missing_file", str(err))
         return None
-    label = ctx.resolve_tie(float(l0), key, where)
+    except (ValueError, TypeError) as err:
+        ctx.drop(where, "bad_image", str(err))
+        return None
+    label = ctx.resolve_tie(l0, key, where)
     if label is None:
         return None
-    ids = {"ranking_id": rec["ranking_id"], "user_id": rec["user_id"],
-           "num_example_per_prompt": rec["num_example_per_prompt"]}
-    ids.update({c: rec[c] for c in PICKAPIC_ID_COLUMNS if rec.get(c) is not None})
-    prov = {"dataset": "pickapic_v2", "ids": ids, "generators": [rec["model_0"], rec["model_1"]]}
+    ids = {c: rec[c] for c in PICKAPIC_ID_COLUMNS if rec.get(c) is not None}
+    prov: dict[str, Any] = {"dataset": "pickapic_v2", "ids": ids}
+    if "model_0" in rec or "model_1" in rec:
+        prov["generators"] = [rec.get("model_0"), rec.get("model_1")]
     if label != l0:
         prov["tie_resolved_by_coin"] = True
     try:
-        return pair_sample(key, rec["jpg_0"], rec["jpg_1"], caption=rec["caption"], label_0=label, provenance=prov)
+        return pair_sample(key, images[0], images[1], caption=rec["caption"], label_0=label, provenance=prov)
     except SampleError as err:
         ctx.drop(where, "bad_image", err.reason)
         return None
@@ -279,12 +360,23 @@ def _pickapic_sample(rec: dict, key: str, where: str, ctx: _Ctx) -> dict | None:
 def convert_pickapic(inputs: Iterable[str | os.PathLike], out: str | os.PathLike, *,
                      options: ConvertOptions | None = None) -> Manifest:
     """Pick-a-Pic v2 parquet files (or folders of them) -> `pair` shards. Unlabeled rows are dropped; ties
-    follow `options.ties` (drop / keep as label 0.5 / coin: a seeded coin flip per key picks a winner)."""
+    follow `options.ties` (drop / keep as label 0.5 / coin: a seeded coin flip per key picks a winner).
+
+    A pair needs `caption, jpg_0, jpg_1, label_0, label_1`; the other Pick-a-Pic columns (`has_label`, the model
+    names and ids) are carried when present, and the manifest's `conversion.absent_columns` lists the ones that were
+    not (without `has_label` every row counts as labeled). Images are bytes or HF `datasets` `{bytes, path}` structs
+    (a path is relative to the parquet file's folder and may not leave it)."""
     ctx = _Ctx(options or ConvertOptions())
     files = _sorted_inputs(inputs, (".parquet",))
     pq = require("pyarrow.parquet", "the pickapic converter (parquet input)")
-    total = sum(pq.ParquetFile(p).metadata.num_rows for _, p in files)
-    info = {"from": "pickapic", "inputs": [{"name": p.name, "bytes": p.stat().st_size} for _, p in files]}
+    checked = [_pickapic_check(pq, p) for _, p in files]
+    total = sum(n for n, _ in checked)
+    absent = sorted({c for _, cols in checked for c in cols}, key=PICKAPIC_OPTIONAL_COLUMNS.index)
+    if absent:
+        logger.warning("pickapic: columns not in (every) input, so not carried: %s%s", ", ".join(absent),
+                       " (has_label absent: every row counts as labeled)" if "has_label" in absent else "")
+    info = {"from": "pickapic", "inputs": [{"name": p.name, "bytes": p.stat().st_size} for _, p in files],
+            "absent_columns": absent}
     rows = _rows(_pickapic_items(pq, files, ctx), min(total, ctx.opts.limit or total), "pickapic", ctx,
                  lambda rec, key, where: _pickapic_sample(rec, key, where, ctx))
     return _write(out, "pair", rows, ctx, info)
@@ -307,8 +399,8 @@ def convert_hpdv2(json_path: str | os.PathLike, out: str | os.PathLike, *, image
     path = Path(json_path)
     root = Path(image_root) if image_root is not None else path.parent
     try:
-        entries = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        entries = json.loads(_read_text(path, "HPD v2 JSON file"))
+    except json.JSONDecodeError as err:
         raise ConversionError(f"{path}: cannot read HPD v2 JSON: {err}") from None
     if not isinstance(entries, list):
         raise ConversionError(f"{path}: HPD v2 train JSON must be a list of entries")
@@ -368,7 +460,7 @@ def convert_jsonl(path: str | os.PathLike, out: str | os.PathLike, *, schema: Li
     line holds (`label_0` -> pair, `scores` -> ranked)."""
     ctx = _Ctx(options or ConvertOptions())
     path = Path(path)
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = _read_text(path, "JSONL manifest").splitlines()
     if schema is None:
         try:
             first = next((json.loads(ln) for ln in lines if ln.strip()), None)
@@ -434,13 +526,16 @@ def convert_videoalign(csv_path: str | os.PathLike, out: str | os.PathLike, *,
     ctx = _Ctx(options or ConvertOptions())
     path = Path(csv_path)
     root = Path(video_root) if video_root is not None else path.parent
-    with open(path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
+    text = _read_text(path, "CSV file")
+    try:
+        reader = csv.DictReader(text.splitlines(keepends=True))
         missing = [c for c in VIDEOALIGN_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
             raise ConversionError(f"{path}: not a VideoAlign CSV: missing columns {missing} "
                                   f"(found {reader.fieldnames})")
         records = list(reader)
+    except csv.Error as err:
+        raise ConversionError(f"{path}: not a readable CSV file: {err}") from None
     stem = sanitize_key(path.name.split(".")[0])
     items = ((_row_key(stem, i), f"{path.name} row {i + 1}", (i, rec)) for i, rec in enumerate(records))
     rows = _rows(items, len(records), "videoalign", ctx,
@@ -593,7 +688,7 @@ def _trl_sample(rec: dict, key: str, where: str, base: Path, ctx: _Ctx, defaults
 def _trl_records(path: Path) -> tuple[int, Callable[[], Iterator[dict]]]:
     if path.suffix == ".parquet":
         pq = require("pyarrow.parquet", f"{path.name}: reading TRL rows from parquet")
-        pf = pq.ParquetFile(path)
+        pf = _open_parquet(pq, path)
 
         def gen() -> Iterator[dict]:
             for batch in pf.iter_batches(batch_size=64):
@@ -602,13 +697,13 @@ def _trl_records(path: Path) -> tuple[int, Callable[[], Iterator[dict]]]:
         return pf.metadata.num_rows, gen
     if path.suffix == ".json":  # a JSON array of rows (STIC's convert_jsonl_to_json output)
         try:
-            rows = json.loads(path.read_text(encoding="utf-8"))
+            rows = json.loads(_read_text(path, "JSON file"))
         except json.JSONDecodeError as err:
             raise ConversionError(f"{path}: not valid JSON: {err}") from None
         if not isinstance(rows, list):
             raise ConversionError(f"{path}: a .json input must hold a list of rows (use .jsonl for one per line)")
         return len(rows), lambda: iter(rows)
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = _read_text(path, "JSONL file").splitlines()
 
     def gen_lines() -> Iterator[dict]:
         for line in lines:

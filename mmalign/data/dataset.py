@@ -61,13 +61,14 @@ class CorruptSampleError(RuntimeError):
         self.shard, self.key, self.reason = shard, key, reason
 
 
-SKIP_STAGES = ("unreadable", "schema", "decode", "cache")
+SKIP_STAGES = ("unreadable", "schema", "decode", "cache", "unsafe", "too_large", "duplicate")
 _MAX_WORKER_ROWS = 64
 
 
 @dataclass
 class SkipCounter:
-    """Bad samples skipped: `skipped` in total, `reasons` by stage (unreadable shard tail, schema, decode, cache)."""
+    """Bad samples skipped: `skipped` in total, `reasons` by stage (unreadable shard tail, schema, decode, cache,
+    unsafe member, too_large member, duplicate key)."""
 
     skipped: int = 0
     reasons: Counter = field(default_factory=Counter)
@@ -120,6 +121,8 @@ class ShardDataset(IterableDataset):
         caches: {cache name: producer dict or cache key}; adds `sample["cache"][name]` (see cache.py).
         cache_root: the folder holding the caches, if not `<shards>/cache` (see cache.py).
         allow_pipe, allow_network: permit `pipe:` and network URLs (refused by default).
+        max_member_bytes: a sample with a tar member larger than this is skipped unread (stage `too_large`);
+            None: `mmalign.data.tario.MAX_MEMBER_BYTES` (512 MiB, or `MMALIGN_MAX_MEMBER_BYTES`).
     """
 
     schema: ClassVar[str] = ""
@@ -128,7 +131,8 @@ class ShardDataset(IterableDataset):
                  resample: bool = False, epoch_length: int | None = None,
                  split: Literal["auto", "shard", "sample"] = "auto", rank: int | None = None,
                  world_size: int | None = None, strict: bool = False, caches: dict[str, Any] | None = None,
-                 cache_root: str | os.PathLike | None = None, allow_pipe: bool = False, allow_network: bool = False):
+                 cache_root: str | os.PathLike | None = None, allow_pipe: bool = False, allow_network: bool = False,
+                 max_member_bytes: int | None = None):
         super().__init__()
         self.source: ShardSource = open_source(source, schema=self.schema, allow_pipe=allow_pipe,
                                                allow_network=allow_network)
@@ -141,6 +145,10 @@ class ShardDataset(IterableDataset):
         if epoch_length is not None and epoch_length < 1:
             raise ValueError(f"epoch_length must be >= 1, got {epoch_length}")
         resolve_rank_world(rank, world_size)  # validate now, resolve again at iteration time
+        if max_member_bytes is not None and max_member_bytes < 1:
+            raise ValueError(f"max_member_bytes must be >= 1, got {max_member_bytes}")
+        self.max_member_bytes = max_member_bytes
+        self._key_ranges = _manifest_key_ranges(self.source)
         self.shuffle, self.shuffle_buffer, self.seed = shuffle, shuffle_buffer, int(seed)
         self.resample, self.epoch_length, self.split = resample, epoch_length, split
         self.rank, self.world_size, self.strict = rank, world_size, strict
@@ -224,9 +232,12 @@ class ShardDataset(IterableDataset):
 
     def _read(self, s: int) -> Iterator[dict[str, Any]]:
         """Raw samples of shard s, joined with the requested caches."""
-        items = read_shard(self.source.urls[s], self.source.names[s])
+        name = self.source.names[s]
+        items = _mark_duplicates(read_shard(self.source.urls[s], name, max_member_bytes=self.max_member_bytes),
+                                 self._key_ranges[s] if self._key_ranges else None)
         for info in self.caches:
-            items = join_cache(items, read_shard(str(info.dir / self.source.names[s]), self.source.names[s]), info)
+            items = join_cache(items, read_shard(str(info.dir / name), name, max_member_bytes=self.max_member_bytes),
+                               info)
         return items
 
     def _slot_stream(self, slot: _Slot, skip: int) -> Iterator[dict[str, Any]]:
@@ -340,6 +351,10 @@ class ShardDataset(IterableDataset):
             if "__error__" in raw:
                 self._skip(raw, "unreadable", raw["__error__"], pending)
                 continue
+            refused = next((stage for stage in ("unsafe", "too_large", "duplicate") if f"__{stage}__" in raw), None)
+            if refused is not None:
+                self._skip(raw, refused, raw[f"__{refused}__"], pending)
+                continue
             if "__cache_error__" in raw:
                 self._skip(raw, "cache", raw["__cache_error__"], pending)
                 continue
@@ -398,6 +413,42 @@ class ShardDataset(IterableDataset):
 
     def _decode(self, raw: dict[str, Any], lay: dict[str, Any], meta: Any, epoch: int) -> dict[str, Any] | None:
         raise NotImplementedError
+
+
+def _manifest_key_ranges(source: ShardSource) -> list[tuple[str, str]] | None:
+    """Each shard's [first_key, last_key] from the manifest (None without one, or when a range is missing); raises
+    ValueError when two ranges overlap: those shards could hold the same key, which would train twice."""
+    man = source.manifest
+    if man is None or any(e.first_key is None or e.last_key is None for e in man.shards if e.count):
+        return None
+    ranges = [(e.first_key, e.last_key) if e.count else None for e in man.shards]
+    listed = sorted((r, e.name) for r, e in zip(ranges, man.shards) if r is not None)
+    for (a, name_a), (b, name_b) in zip(listed, listed[1:]):
+        if b[0] <= a[1]:
+            raise ValueError(f"{source.description}: manifest key ranges of {name_a} [{a[0]!r}, {a[1]!r}] and "
+                             f"{name_b} [{b[0]!r}, {b[1]!r}] overlap: keys must be unique across a shard set "
+                             "(run mmalign shards validate)")
+    return ranges
+
+
+def _mark_duplicates(items: Iterator[dict[str, Any]], key_range: tuple[str, str] | None
+                     ) -> Iterator[dict[str, Any]]:
+    """Mark (`__duplicate__`) a sample whose key was already read in this shard, or that lies outside the shard's
+    manifest key range (it may repeat a key of another shard). Marked, not dropped: stream positions stay the same
+    in every slot, and the one slot that owns the position skips and counts it."""
+    seen: set[str] = set()
+    for raw in items:
+        key = raw.get("__key__")
+        if "__error__" not in raw and isinstance(key, str):
+            if key in seen:
+                raw.setdefault("__duplicate__", f"key {key!r} was already read earlier in this shard; a key is "
+                                                "trained on once")
+            elif key_range is not None and not key_range[0] <= key <= key_range[1]:
+                raw.setdefault("__duplicate__", f"key {key!r} is outside this shard's manifest key range "
+                                                f"[{key_range[0]!r}, {key_range[1]!r}] (it may repeat another "
+                                                "shard's key)")
+            seen.add(key)
+        yield raw
 
 
 def _provenance(meta: Any) -> dict[str, Any]:

@@ -15,7 +15,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from mmalign.data.safety import UnsafeSourceError, check_relative, check_url, expand_urls, url_scheme
+from mmalign.data.safety import UnsafeSourceError, check_relative, check_shard_file, check_url, expand_urls, \
+    url_scheme
 from mmalign.data.schemas import SCHEMA_VERSIONS
 
 MANIFEST_NAME = "manifest.json"
@@ -142,6 +143,8 @@ def open_source(source: str | os.PathLike | list, *, schema: str | None = None, 
                 root = path if path.is_dir() else path.parent
                 _check_schema(man, schema, str(root))
                 names = [s.name for s in man.shards]
+                for n in names:
+                    check_shard_file(root / n, source=str(root))
                 return ShardSource(man.schema_name, [str(root / n) for n in names], names, man, root, str(root))
         elif text.endswith(".json"):
             check_url(text, allow_pipe=allow_pipe, allow_network=allow_network)
@@ -158,6 +161,8 @@ def open_source(source: str | os.PathLike | list, *, schema: str | None = None, 
         raise ManifestError(f"{source!r}: no shards")
     for url in urls:
         check_url(url, allow_pipe=allow_pipe, allow_network=allow_network)
+        if url_scheme(url) in (None, "file"):
+            check_shard_file(url.removeprefix("file:"), source="shard list")
     missing = [u for u in urls if url_scheme(u) in (None, "file") and not Path(u.removeprefix("file:")).is_file()]
     if missing:
         raise ManifestError(f"{missing[0]}: no such shard file or shard-set folder"

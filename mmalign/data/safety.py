@@ -1,10 +1,11 @@
 """What a shard source may point at.
 
-Shards and manifests come from other people. Three rules keep reading them safe:
+Shards and manifests come from other people. Four rules keep reading them safe:
 - a `pipe:` URL runs a shell command: refused unless `allow_pipe=True`;
 - a URL that reaches the network (http, https, s3, gs, hf, ...) is refused unless `allow_network=True`;
 - a path written inside a manifest (a shard name, an image path in a JSONL manifest, a video path in a CSV) must
-  stay inside the folder it is relative to: absolute paths, `..` escapes and URLs are refused.
+  stay inside the folder it is relative to: absolute paths, `..` escapes and URLs are refused;
+- a local shard file must be a regular file: a symbolic link (which could point anywhere) is refused.
 Nothing is ever unpickled: readers decode only JSON, images, `.npy` with `allow_pickle=False`, safetensors, audio
 and mp4 bytes; members with other suffixes (`.pyd`, `.pickle`, `.pth`) are never decoded.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from pathlib import Path, PurePosixPath
 
 NETWORK_SCHEMES = frozenset({
@@ -76,6 +78,21 @@ def safe_join(base: str | os.PathLike, rel: str, *, what: str = "path", source: 
     """`base / rel`, refusing absolute paths, `..` and URLs in `rel` (the check is on the text; symlinks that the
     owner of `base` created are followed)."""
     return Path(base) / check_relative(rel, what=what, source=source)
+
+
+def check_shard_file(path: str | os.PathLike, *, source: str) -> None:
+    """Refuse a local shard that is a symbolic link or not a regular file (a FIFO, a device, a folder): a link
+    planted in a shard folder would make the reader open, and its errors quote, a file outside it. A missing
+    file passes: readers report it as an unreadable shard."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(mode):
+        raise UnsafeSourceError(f"{source}: shard {os.fspath(path)!r} is a symbolic link; shards are read only "
+                                "from regular files (copy the file instead of linking it)")
+    if not stat.S_ISREG(mode):
+        raise UnsafeSourceError(f"{source}: shard {os.fspath(path)!r} is not a regular file")
 
 
 def expand_urls(spec: str | os.PathLike | list | tuple) -> list[str]:

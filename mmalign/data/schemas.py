@@ -181,6 +181,14 @@ class PairMeta(_Meta):
     label_0: float
     provenance: Provenance = Field(default_factory=Provenance)
 
+    @field_validator("label_0", mode="before")
+    @classmethod
+    def _label_is_a_number(cls, v: Any) -> Any:
+        # Not "1", not true: a label written as text or a bool is a broken converter, not a preference.
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(f"label_0 must be a JSON number (0, 0.5 or 1), got {type(v).__name__} {v!r}")
+        return v
+
     @field_validator("label_0")
     @classmethod
     def _label(cls, v: float) -> float:

@@ -7,11 +7,19 @@ checksum is verified, and an archive that ends before its end-of-archive blocks 
 
 Read errors do not end the stream silently: a truncated or corrupt tar yields one error record naming the shard
 and the key being read, so readers can count it and the validator can report it.
+
+Hostile members are refused, never read into memory or followed: a member whose header declares more than
+`max_member_bytes` (default 512 MiB, or the `MMALIGN_MAX_MEMBER_BYTES` environment variable) has its data skipped
+in small chunks, and a member whose name is absolute or holds a `..` component, or which is a symlink, a hardlink
+or a device / FIFO, is refused; the sample holding such a member is marked (`__too_large__` / `__unsafe__`) so that
+readers skip and count it and the validator reports it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import re
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -23,6 +31,44 @@ BLOCK = 512
 _ZERO_BLOCK = bytes(BLOCK)
 _REGULAR = (b"0", b"\0", b"7")  # regular file, old-style regular file, contiguous file
 _COMPRESSED = ((b"\x1f\x8b", "gzip"), (b"BZh", "bz2"), (b"\xfd7zXZ\x00", "lzma"))
+_DIRECTORY = b"5"
+_HEADER_DATA = (b"x", b"g", b"L", b"K")  # PAX extended / global headers, GNU long name / long link name
+_LINKS = {b"1": "a hardlink", b"2": "a symlink", b"3": "a character device", b"4": "a block device", b"6": "a FIFO"}
+MAX_HEADER_DATA = 1 << 20  # PAX records and GNU long names: a real one is a few hundred bytes
+_SKIP_CHUNK = 1 << 16
+
+
+def _default_max_member_bytes() -> int:
+    text = os.environ.get("MMALIGN_MAX_MEMBER_BYTES", "")
+    try:
+        return int(text) if text.strip() else 512 << 20
+    except ValueError:
+        raise ValueError(f"MMALIGN_MAX_MEMBER_BYTES must be a number of bytes, got {text!r}") from None
+
+
+MAX_MEMBER_BYTES = _default_max_member_bytes()
+
+
+class Refused:
+    """Stands for the data of a member that was not read: `stage` is "too_large" or "unsafe", `reason` says why."""
+
+    __slots__ = ("stage", "reason")
+
+    def __init__(self, stage: str, reason: str):
+        self.stage, self.reason = stage, reason
+
+    def __repr__(self) -> str:
+        return f"Refused({self.stage!r}, {self.reason!r})"
+
+
+def unsafe_member_name(name: str) -> str | None:
+    """Why a member name is refused (absolute, a drive letter, a `..` component), or None if it is safe."""
+    text = name.replace("\\", "/")
+    if text.startswith("/") or re.match(r"^[A-Za-z]:", text):
+        return "an absolute path"
+    if any(part == ".." for part in text.split("/")):
+        return "a '..' path component (it escapes the archive)"
+    return None
 
 
 def open_shard(url: str):
@@ -144,9 +190,28 @@ def _decompressor(module: str, fh):
             "lzma": lambda: lzma.LZMAFile(fh)}[module]()
 
 
-def iter_members(fileobj) -> Iterator[tuple[str, bytes]]:
+def _skip_data(fh, size: int) -> int:
+    """Read and drop `size` bytes in small chunks; returns how many there were."""
+    got = 0
+    while got < size:
+        chunk = fh.read(min(_SKIP_CHUNK, size - got))
+        if not chunk:
+            break
+        got += len(chunk)
+    return got
+
+
+def iter_members(fileobj, *, max_member_bytes: int | None = None, refused: bool = False
+                 ) -> Iterator[tuple[str, bytes | Refused]]:
     """(name, bytes) of each regular file in a tar stream, in stored order; `__meta__` members (webdataset's
-    convention) are skipped. Read errors raise MemberReadError naming the member being read."""
+    convention) and directories are skipped. Read errors raise MemberReadError naming the member being read.
+
+    A member larger than `max_member_bytes` (None: `MAX_MEMBER_BYTES`), with an unsafe name (absolute, `..`), or
+    that is a link or a device is never read: with `refused=True` it is yielded as `(name, Refused(stage, reason))`,
+    else left out."""
+    limit = MAX_MEMBER_BYTES if max_member_bytes is None else int(max_member_bytes)
+    if limit < 0:
+        raise ValueError(f"max_member_bytes must be >= 0, got {max_member_bytes}")
     name = None
     try:
         fh = fileobj
@@ -171,11 +236,32 @@ def iter_members(fileobj) -> Iterator[tuple[str, bytes]]:
                 name = f"{_text(header[345:500])}/{name}"
             name = pax.pop("path", None) or long_name or name
             size = int(pax.pop("size")) if "size" in pax else _number(header[124:136])
+            if size < 0:
+                raise MemberReadError(name, f"negative member size {size}")
             long_name = None
             pax = {}
-            data = _read_exact(fh, size)
-            if len(data) < size:
-                raise MemberReadError(name, f"truncated: {len(data)} of {size} bytes")
+            problem: Refused | None = None
+            if kind in _HEADER_DATA:
+                if size > MAX_HEADER_DATA:
+                    raise MemberReadError(name, f"an extended header of {size} bytes (over {MAX_HEADER_DATA}): "
+                                                "corrupt or hostile archive")
+            elif unsafe_member_name(name):
+                problem = Refused("unsafe", f"member {name!r} is refused: its name is {unsafe_member_name(name)}")
+            elif kind in _LINKS:
+                problem = Refused("unsafe", f"member {name!r} is refused: it is {_LINKS[kind]}, not a regular file")
+            elif kind in _REGULAR and size > limit:
+                problem = Refused("too_large", f"member {name!r} declares {size} bytes, over the limit of {limit} "
+                                               "bytes (max_member_bytes / MMALIGN_MAX_MEMBER_BYTES); not read")
+            if problem is not None or kind == _DIRECTORY or (kind not in _REGULAR and kind not in _HEADER_DATA):
+                got = _skip_data(fh, size)  # never held in memory
+                if got < size:
+                    why = f": {problem.reason}" if problem is not None else ""
+                    raise MemberReadError(name, f"truncated: {got} of {size} bytes{why}")
+                data = b""
+            else:
+                data = _read_exact(fh, size)
+                if len(data) < size:
+                    raise MemberReadError(name, f"truncated: {len(data)} of {size} bytes")
             pad = -size % BLOCK
             if pad and len(_read_exact(fh, pad)) < pad:
                 raise MemberReadError(name, "truncated in the padding after the data")
@@ -183,6 +269,9 @@ def iter_members(fileobj) -> Iterator[tuple[str, bytes]]:
                 pax = _pax_records(data)
             elif kind == b"L":
                 long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            elif problem is not None:
+                if refused:
+                    yield name, problem
             elif kind in _REGULAR and not (name.startswith("__") and name.endswith("__")):
                 yield name, data
             header = _read_exact(fh, BLOCK)
@@ -204,17 +293,29 @@ def _check_header(header: bytes) -> None:
         raise MemberReadError(None, "bad tar header checksum (corrupt data, or not a tar file)")
 
 
-def iter_samples(fileobj, shard: str) -> Iterator[dict[str, Any]]:
+def iter_samples(fileobj, shard: str, *, max_member_bytes: int | None = None) -> Iterator[dict[str, Any]]:
     """Group consecutive members by key into `{"__key__", "__shard__", suffix: bytes, ...}`.
 
     A read error yields `{"__key__": key being read (or the last key), "__shard__", "__error__": reason}` and
-    ends the shard; a member repeated within a key marks that sample `"__invalid__": reason`.
+    ends the shard; a member repeated within a key marks that sample `"__invalid__": reason`. A refused member
+    (see `iter_members`) marks its sample `"__unsafe__": reason` or `"__too_large__": reason`; a refused member
+    whose name has no key (`../x.jpg`, a link named `link`) is a record of its own, keyed by its name.
     """
     current: dict[str, Any] | None = None
     last_key = ""
     try:
-        for name, data in iter_members(fileobj):
+        for name, data in iter_members(fileobj, max_member_bytes=max_member_bytes, refused=True):
             key, suffix = split_member(name)
+            if isinstance(data, Refused):
+                key = key or name
+                if current is not None and key != current["__key__"]:
+                    yield current
+                    current = None
+                if current is None:
+                    current = {"__key__": key, "__shard__": shard}
+                    last_key = key
+                current.setdefault(f"__{data.stage}__", data.reason)
+                continue
             if key is None:
                 continue
             if current is not None and key != current["__key__"]:
@@ -240,8 +341,9 @@ def iter_samples(fileobj, shard: str) -> Iterator[dict[str, Any]]:
         yield current
 
 
-def read_shard(url: str, shard: str | None = None) -> Iterator[dict[str, Any]]:
-    """Raw samples of one shard file or URL."""
+def read_shard(url: str, shard: str | None = None, *, max_member_bytes: int | None = None
+               ) -> Iterator[dict[str, Any]]:
+    """Raw samples of one shard file or URL (`max_member_bytes`: see `iter_members`)."""
     shard = shard or Path(url).name
     try:
         fh = open_shard(url)
@@ -249,4 +351,4 @@ def read_shard(url: str, shard: str | None = None) -> Iterator[dict[str, Any]]:
         yield {"__key__": "", "__shard__": shard, "__error__": f"cannot open shard: {err}"}
         return
     with fh:
-        yield from iter_samples(fh, shard)
+        yield from iter_samples(fh, shard, max_member_bytes=max_member_bytes)

@@ -1,7 +1,9 @@
 """`mmalign shards validate`: check a shard set completely.
 
 Per shard: the file exists, its sha256, byte size and sample count match the manifest, the tar reads to the end.
-Per sample: a valid key, keys strictly increasing, the schema's members and metadata, no unexpected members,
+Per sample: a valid key, keys strictly increasing (no duplicates), no refused member (an absolute or `..` name,
+a symlink, hardlink or device, a member over `max_member_bytes`), the schema's members and metadata, no unexpected
+members,
 and (unless `decode=False`) every image, video, array and audio member decodes: images fully, with the format
 matching the extension; videos to the last frame, with the frame count matching the metadata; arrays with
 `allow_pickle=False` and the schema's shape and dtype.
@@ -121,9 +123,10 @@ def decode_media(schema: str, files: dict[str, bytes], lay: dict[str, Any], meta
             raise SampleError(f"chosen.npy and rejected.npy have different codebook counts: {shapes}")
 
 
-def validate_shards(root: str | os.PathLike, *, decode: bool = True, progress: bool | None = None
-                    ) -> ValidationReport:
-    """Check every shard and sample of the shard set in `root`; see the module docstring."""
+def validate_shards(root: str | os.PathLike, *, decode: bool = True, progress: bool | None = None,
+                    max_member_bytes: int | None = None) -> ValidationReport:
+    """Check every shard and sample of the shard set in `root`; see the module docstring. `max_member_bytes`:
+    members over it are reported, not read (None: `mmalign.data.tario.MAX_MEMBER_BYTES`)."""
     from tqdm.auto import tqdm
 
     root = Path(root)
@@ -149,9 +152,10 @@ def validate_shards(root: str | os.PathLike, *, decode: bool = True, progress: b
             continue
         count = ties = 0
         first_key = None
+        seen: set[str] = set()
         with fh:
             reader = HashingReader(fh)
-            for raw in iter_samples(reader, entry.name):
+            for raw in iter_samples(reader, entry.name, max_member_bytes=max_member_bytes):
                 key = raw["__key__"]
                 if "__error__" in raw:
                     report.issues.append(Issue(entry.name, key, raw["__error__"]))
@@ -159,8 +163,16 @@ def validate_shards(root: str | os.PathLike, *, decode: bool = True, progress: b
                     break
                 count += 1
                 bar.update()
+                refused = [raw[f] for f in ("__unsafe__", "__too_large__") if f in raw]
+                if refused:  # never decoded: its other members are not trusted either
+                    report.issues.extend(Issue(entry.name, key, r) for r in refused)
+                    report.bad_samples += 1
+                    continue
                 first_key = first_key or key
                 problems = [raw["__invalid__"]] if "__invalid__" in raw else []
+                if key in seen:
+                    problems.append(f"duplicate key {key!r}: already read earlier in this shard")
+                seen.add(key)
                 try:
                     check_key(key)
                 except SampleError as err:

@@ -12,6 +12,8 @@ import os
 from fractions import Fraction
 from typing import Literal
 
+from pydantic import Field
+
 from mmalign.config import StrictModel
 from mmalign.data.deps import require
 
@@ -153,7 +155,7 @@ def _read_pyav(src, fps, max_frames, max_pixels):
 class FrameSampling(StrictModel):
     """How a reader decodes videos into frames (the arguments of `read_frames`)."""
 
-    fps: float | None = None
-    max_frames: int | None = None
-    max_pixels: int | None = None
+    fps: float | None = Field(None, gt=0)
+    max_frames: int | None = Field(None, gt=0)
+    max_pixels: int | None = Field(None, gt=0)
     backend: Literal["decord", "pyav"] | None = None

@@ -33,6 +33,27 @@ class ScorerError(ValueError):
     """A scorer cannot be built or called as asked; the message names the argument and what would be valid."""
 
 
+def check_scorer_name(name: Any, where: str = "scorer") -> str:
+    """Return `name` if it can name the scorer's output sub-folder: one plain path component (no `/` or `\\`, not
+    `.` / `..`, not absolute, no drive letter or control characters, at most 200 characters). A name read from a
+    model's files must never become a path outside the folder it is written under. `where` names the source (the
+    scorer card file)."""
+    problem = None
+    if not isinstance(name, str) or not name.strip():
+        problem = "must be a non-empty string"
+    elif len(name) > 200:
+        problem = "is longer than 200 characters"
+    elif "/" in name or "\\" in name or name in (".", "..") or os.path.isabs(name) \
+            or (os.name == "nt" and ":" in name):
+        problem = "is a path, not a plain name (it would write outside the output folder)"
+    elif any(ord(c) < 32 or ord(c) == 127 for c in name) or name != name.strip():
+        problem = "holds control characters or surrounding spaces"
+    if problem is not None:
+        raise ScorerError(f"{where}: scorer name {name!r} {problem}; a scorer name is one plain folder name "
+                          "(letters, digits, '_', '-', '.')")
+    return name
+
+
 def as_prompt_list(prompts: str | Sequence[str], n: int) -> list[str]:
     if isinstance(prompts, str):
         return [prompts] * n

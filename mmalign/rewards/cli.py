@@ -56,4 +56,11 @@ def run(args: argparse.Namespace) -> int:
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(report.skip_reasons.items())) or "none"
     print(f"mmalign score: {report.shards_scored} shards scored, {report.shards_already_done} already done, "
           f"{report.samples} samples, {report.skipped} skipped ({reasons}) -> {args.out}")
+    from mmalign.rewards.scoring import format_summary, score_summary
+
+    for name in report.scorers:
+        try:  # once every shard is scored (other processes may still be writing theirs)
+            print(f"mmalign score: {format_summary(score_summary(args.out, name, args.source))}")
+        except ScoreError:
+            pass
     return 0

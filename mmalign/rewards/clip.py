@@ -20,7 +20,8 @@ from typing import Literal
 
 import torch
 
-from mmalign.rewards.base import Scorer, ScorerError, fingerprint_folder, unique_prompts
+from mmalign.rewards.base import (Scorer, ScorerError, as_prompt_list, fingerprint_folder, split_images,
+                                   unique_prompts)
 from mmalign.rewards.preprocess import ImagePreprocess
 
 SCALES = ("clip_score", "logit_scale", "cosine")
@@ -88,6 +89,23 @@ class CLIPScorer(Scorer):
     def _score(self, kind, images, prompts):
         return self.scale_scores(self.cosines(self.preprocess(kind, images, device=self.device, dtype=self.dtype),
                                               prompts))
+
+    @property
+    def raw_name(self) -> str | None:
+        """The per-image value `mmalign score` stores beside the scores: `"cos"` for clip_score (its clamped scores
+        cannot give torchmetrics' set-level CLIP score, `max(100 * mean(cos), 0)`), else None."""
+        return "cos" if self.scale == "clip_score" else None
+
+    def score_with_raw(self, images, prompts) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(score(images, prompts), cosines)` from one forward pass (float32, (N,) each)."""
+        kind, batch = split_images(images)
+        n = batch.shape[0] if kind == "tensor" else len(batch)
+        prompts = as_prompt_list(prompts, n)
+        if n == 0:
+            empty = torch.zeros((0,), device=self.device)
+            return empty, empty
+        cos = self.cosines(self.preprocess(kind, batch, device=self.device, dtype=self.dtype), prompts).float()
+        return self.scale_scores(cos), cos
 
     # -- fine-tuning ----------------------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:

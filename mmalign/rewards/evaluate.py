@@ -6,7 +6,8 @@
 - `video_pair` shards: both accuracies per dimension (VQ, MQ, TA) against that dimension's label.
 
 Scores come from `mmalign score` folders (`--scores DIR`, reused and completed if partial) or are computed into a
-temporary folder. Writes JSON and prints a table.
+temporary folder. Writes JSON and prints a table, then each scorer's set-level means (`scoring.score_summary`:
+`<scorer>/mean`; for clip_score also `clip_score/torchmetrics`, torchmetrics' aggregate).
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def evaluate_reward(source: str | os.PathLike, scorers: Sequence[Any], *, scores
                     batch_size: int = 32, device=None, strict: bool = False, progress: bool = True) -> dict[str, Any]:
     """Score `source` with each scorer (reusing `scores_dir`) and compute the metrics; returns the JSON report."""
     from mmalign.data.manifest import open_source
-    from mmalign.rewards.scoring import read_scores, score_shards
+    from mmalign.rewards.scoring import read_scores, score_shards, score_summary
 
     src = open_source(source)
     with tempfile.TemporaryDirectory(prefix="mmalign-eval-") as tmp:
@@ -83,7 +84,8 @@ def evaluate_reward(source: str | os.PathLike, scorers: Sequence[Any], *, scores
         for name in report.scorers:
             scores, info = read_scores(folder, name, source)
             result["scorers"][name] = {"version": info["version"],
-                                       "metrics": metrics_for(src.schema, labels, scores, info.get("dims"))}
+                                       "metrics": metrics_for(src.schema, labels, scores, info.get("dims")),
+                                       "summary": score_summary(folder, name, source)}
     return result
 
 
@@ -105,4 +107,8 @@ def format_table(result: dict[str, Any]) -> str:
                 rows.append([name, dim, f(m["accuracy"]), f(m["accuracy_with_ties"]), f"{m['tie_epsilon']:.4g}",
                              str(m["num_pairs"]), str(m["num_ties"])])
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    from mmalign.rewards.scoring import format_summary
+
+    lines += [format_summary(e["summary"]) for e in result["scorers"].values() if e.get("summary")]
+    return "\n".join(lines)

@@ -12,7 +12,10 @@ only; no arbitrary objects are unpickled).
 
 Model configs use open_clip's JSON format (`open_clip/model_configs/ViT-H-14.json`), so a tiny test config can be
 registered with open_clip as well. HPS scores are the raw cosine with letterbox preprocessing to 224, as
-`hpsv2.score` computes them (`image_features @ text_features.T`, no logit scale).
+`hpsv2.score` computes them (`image_features @ text_features.T`, no logit scale). The preprocessing is HPSv2's
+`preprocess_val` op for op (float resize, no clamp, no uint8 step; `preprocess.py`): its pixels equal HPSv2's on
+sharp images to 0 (torchvision >= 0.17, whose tensor resize antialiases), and the image / text features equal
+HPSv2's open_clip to 1.8e-7.
 """
 
 from __future__ import annotations

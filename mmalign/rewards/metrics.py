@@ -92,6 +92,21 @@ def inversion_score(model_scores: Sequence[float], reference_scores: Sequence[fl
     return 1.0 - inversions / (k * (k - 1) / 2)
 
 
+def clip_score_aggregates(cosines: Sequence[float]) -> dict[str, float]:
+    """The two set-level CLIP scores of N image-text cosines (NaN for N = 0):
+
+    - `mean`: the mean of the per-image scores `100 * max(cos, 0)` (what averaging `clip_score`'s scores gives);
+    - `torchmetrics`: `max(100 * mean(cos), 0)`, what torchmetrics' `CLIPScore` reports over a batch or a whole
+      `update` / `compute` run (it sums `100 * cos` unclamped and clamps only the mean): the number papers that use
+      torchmetrics report. The two are equal when no cosine is negative."""
+    c = np.asarray(cosines, dtype=np.float64)
+    if c.ndim != 1:
+        raise ValueError(f"cosines must be 1-D, got shape {c.shape}")
+    if len(c) == 0:
+        return {"mean": float("nan"), "torchmetrics": float("nan")}
+    return {"mean": float(np.mean(100.0 * np.maximum(c, 0.0))), "torchmetrics": float(max(100.0 * c.mean(), 0.0))}
+
+
 def labels_from_pair(label_0: float) -> int:
     """A `pair` sample's label_0 (1 / 0 / 0.5) -> 1 / -1 / 0."""
     return {1.0: 1, 0.0: -1, 0.5: 0}[float(label_0)]

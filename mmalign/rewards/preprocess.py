@@ -9,9 +9,15 @@ Two modes:
   bicubic; pad to `size` x `size` with black, `pad // 2` before and the rest after. HPSv2 skips the padding when
   the longest side is already `size` (a non-square input then fails inside the ViT); we always pad.
 
-Then `(x - mean) / std` per channel. PIL images are resized by PIL (bicubic, as the reference processors do) and
-quantised to uint8 before normalising; tensors are resized with `torch.nn.functional.interpolate(mode="bicubic",
-antialias=True)` (PIL's kernel) and clamped to [0, 1], so the two paths agree to about one uint8 step.
+Then `(x - mean) / std` per channel.
+
+- center_crop: PIL images are resized by PIL (bicubic, as `CLIPImageProcessor` does) and quantised to uint8 before
+  normalising; tensors are resized with `torch.nn.functional.interpolate(mode="bicubic", antialias=True)` (PIL's
+  kernel) and clamped to [0, 1], so the two paths agree to about one uint8 step.
+- letterbox: both paths do what HPSv2's `preprocess_val` does (`ToTensor()`, then torchvision's `F.resize` of the
+  float tensor, i.e. `interpolate(bicubic, align_corners=False, antialias=True)` with no clamp and no uint8 step,
+  then the padding): PIL images are converted to float32 `/ 255` first, so the PIL and tensor paths are the same
+  computation and equal HPSv2's to float rounding (tested to 1e-6).
 """
 
 from __future__ import annotations
@@ -74,6 +80,11 @@ class ImagePreprocess:
         from PIL import Image
 
         out = torch.empty((len(images), 3, self.size, self.size), dtype=torch.float32)
+        if self.mode == "letterbox":  # HPSv2: ToTensor, then the float resize (no uint8 step)
+            for i, im in enumerate(images):
+                x = torch.from_numpy(np.array(im.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1)
+                out[i] = self.from_tensor(x.to(torch.float32).div(255)[None])[0]
+            return out
         for i, im in enumerate(images):
             w, h = im.size
             nh, nw = self.resized_hw(h, w)
@@ -95,7 +106,9 @@ class ImagePreprocess:
         nh, nw = self.resized_hw(h, w)
         x = images
         if (nh, nw) != (h, w):
-            x = F.interpolate(x, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+            x = F.interpolate(x, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)
+            if self.mode == "center_crop":  # as the uint8 PIL path; HPSv2 (letterbox) does not clamp
+                x = x.clamp(0, 1)
         if self.mode == "center_crop":
             top, left, _, _ = self._window(nh, nw)
             x = x[:, :, top:top + self.size, left:left + self.size]

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from mmalign.rewards.base import Scorer, ScorerError
+from mmalign.rewards.base import Scorer, ScorerError, check_scorer_name
 
 
 def _clip_score(source):
@@ -79,6 +79,8 @@ def _from_folder(folder: str) -> Scorer:
     if card is None:
         raise ScorerError(f"{folder}: not an exported reward model (no mmalign_scorer.json); use NAME=FOLDER with "
                           f"NAME one of {sorted(SCORERS)}")
+    if "name" in card:  # checked before any weights load: the name becomes the output sub-folder of `mmalign score`
+        check_scorer_name(card["name"], where=_card_path(folder))
     kind = card.get("kind")
     if kind == "clip":
         from mmalign.rewards.clip import load_clip_scorer
@@ -99,6 +101,19 @@ def _from_folder(folder: str) -> Scorer:
     raise ScorerError(f"{folder}: unknown scorer kind {kind!r} in mmalign_scorer.json")
 
 
+def _card_path(folder: str) -> str:
+    from mmalign.rewards.clip import SCORER_CARD
+
+    return os.path.join(folder, SCORER_CARD)
+
+
+def _checked(scorer: Scorer, source: str | None) -> Scorer:
+    """The built scorer, if its name (possibly read from a scorer card) is a safe folder name."""
+    card = _card_path(source) if source and os.path.isfile(_card_path(source)) else None
+    check_scorer_name(scorer.name, where=card or f"scorer {source or ''}".strip())
+    return scorer
+
+
 def load_scorer(spec: str, *, device: str | torch.device | None = None,
                 dtype: torch.dtype | None = None) -> Scorer:
     """Build a scorer from a spec (see the module docstring), on `device` in `dtype` (default: CPU, float32)."""
@@ -117,12 +132,13 @@ def load_scorer(spec: str, *, device: str | torch.device | None = None,
             from mmalign.rewards.clip import read_scorer_card
 
             if read_scorer_card(source) is not None:
-                scorer = _from_folder(source)
+                scorer = _checked(_from_folder(source), source)
                 return scorer.to(device=device, dtype=dtype) if (device or dtype) else scorer
         scorer = SCORERS[name](source or None)
     else:
         raise ScorerError(f"unknown scorer {spec!r}: use one of {sorted(SCORERS)} (optionally NAME=SOURCE), an "
                           "exported reward-model folder, or package.module:function")
+    scorer = _checked(scorer, spec if not eq else source)
     if device is not None or dtype is not None:
         scorer = scorer.to(device=device, dtype=dtype)
     return scorer

@@ -6,6 +6,7 @@ Output, one folder per scorer and one file per input shard:
     DIR/<scorer name>/<shard stem>.jsonl        line 1: header {"format": "mmalign-scores", "scorer", "version",
                                                 "dims", "shard", "schema", "count", "skipped", "skip_reasons"}
                                                 then one line per sample: {"key", "scores": [one entry per item]}
+                                                (clip_score rows also hold "cos": [one cosine per item])
 
 An item is an image of a `pair` / `ranked` sample (stored order) or video a / b of a `video_pair`; an entry is a
 float, or a list of D floats for a multi-dimension scorer (`dims`).
@@ -16,6 +17,7 @@ Distributed: every process scores the shards `shards[rank::world_size]` (RANK / 
 `accelerate launch`; no communication), each on its own device (`cuda:LOCAL_RANK` when there are GPUs).
 Ray: `score_shards_ray` runs the same on Ray Data (decode on CPU tasks, score in an actor pool, write here).
 A sample that cannot be read or scored is skipped and counted in the header (`strict=True` raises instead).
+`score_summary` gives the set-level means (`<scorer>/mean`; for clip_score also `clip_score/torchmetrics`).
 """
 
 from __future__ import annotations
@@ -58,14 +60,25 @@ def shard_stem(name: str) -> str:
     return name[:-4] if name.endswith(".tar") else name
 
 
+def scorer_dir(out_dir: str | os.PathLike, scorer_name: str) -> Path:
+    """`out_dir / scorer_name`, refusing a name that is not one plain folder name (it would write elsewhere)."""
+    from mmalign.rewards.base import ScorerError, check_scorer_name
+
+    try:
+        check_scorer_name(scorer_name)
+    except ScorerError as err:
+        raise ScoreError(str(err)) from None
+    return Path(out_dir) / scorer_name
+
+
 def score_path(out_dir: str | os.PathLike, scorer_name: str, shard_name: str) -> Path:
-    return Path(out_dir) / scorer_name / f"{shard_stem(shard_name)}.jsonl"
+    return scorer_dir(out_dir, scorer_name) / f"{shard_stem(shard_name)}.jsonl"
 
 
 def _prepare_scorer_dir(out_dir: Path, scorer: Scorer, spec: str | None) -> None:
     from mmalign.config import atomic_write_text
 
-    folder = out_dir / scorer.name
+    folder = scorer_dir(out_dir, scorer.name)
     folder.mkdir(parents=True, exist_ok=True)
     info_path = folder / "scorer.json"
     info = {**scorer.info(), "spec": spec}
@@ -85,12 +98,28 @@ def _items(schema: str, sample: dict[str, Any]) -> tuple[list[Any], str]:
 
 
 def _score_items(scorer: Scorer, items: list[Any], prompts: list[str], batch_size: int) -> list[Any]:
+    """One entry per item: its score, or `{"score": s, RAW: r}` for a scorer with a `raw_name` (clip_score's
+    cosines; `write_score_file` stores them as a row field beside "scores")."""
     out: list[Any] = []
+    raw = getattr(scorer, "raw_name", None)
     with torch.inference_mode():
         for i in range(0, len(items), batch_size):
+            if raw:
+                scores, values = scorer.score_with_raw(items[i:i + batch_size], prompts[i:i + batch_size])
+                out.extend({"score": s, raw: r} for s, r in zip(scores.detach().cpu().tolist(),
+                                                                values.detach().cpu().tolist()))
+                continue
             scores = scorer.score(items[i:i + batch_size], prompts[i:i + batch_size])
             out.extend(scores.detach().cpu().tolist())
     return out
+
+
+def _score_row(key: str, entries: list) -> dict[str, Any]:
+    if entries and isinstance(entries[0], dict):  # scores with raw per-item values (see _score_items)
+        row = {"key": key, "scores": [e["score"] for e in entries]}
+        row.update({name: [e[name] for e in entries] for name in entries[0] if name != "score"})
+        return row
+    return {"key": key, "scores": entries}
 
 
 def open_reader(url: str, schema: str, strict: bool):
@@ -182,7 +211,7 @@ def write_score_file(path: Path, scorer_info: dict, shard: str, schema: str, row
               "version": scorer_info["version"], "dims": scorer_info["dims"], "shard": shard, "schema": schema,
               "count": len(rows), "skipped": skipped, "skip_reasons": dict(reasons),
               "written_by": writer}
-    lines = [json.dumps(header)] + [json.dumps({"key": k, "scores": v}) for k, v in rows]
+    lines = [json.dumps(header)] + [json.dumps(_score_row(k, v)) for k, v in rows]
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
@@ -198,6 +227,8 @@ def _resolve_scorers(scorers: Sequence[Scorer | str], device, dtype) -> tuple[li
             built.append(s if device is None and dtype is None else s.to(device=device, dtype=dtype))
             specs.append(None)
     names = [s.name for s in built]
+    for n in names:
+        scorer_dir(".", n)  # a name that is not one plain folder name is refused before anything is written
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise ScoreError(f"two scorers share the name(s) {dup}: their scores would share one folder; export "
@@ -262,7 +293,7 @@ def read_scores(out_dir: str | os.PathLike, scorer_name: str, source: str | os.P
                 ) -> tuple[dict[str, list], dict[str, Any]]:
     """({sample key: scores}, scorer info) from a score folder. With `source` (the scored shard set), every shard
     must have its file (else an error naming the missing ones)."""
-    folder = Path(out_dir) / scorer_name
+    folder = scorer_dir(out_dir, scorer_name)
     info_path = folder / "scorer.json"
     if not info_path.is_file():
         raise ScoreError(f"{folder}: no scores of {scorer_name!r} (no scorer.json); run mmalign score first")
@@ -287,6 +318,49 @@ def read_scores(out_dir: str | os.PathLike, scorer_name: str, source: str | os.P
             row = json.loads(line)
             scores[row["key"]] = row["scores"]
     return scores, info
+
+
+def score_summary(out_dir: str | os.PathLike, scorer_name: str, source: str | os.PathLike | None = None
+                  ) -> dict[str, float | int]:
+    """Set-level means of a score folder over every stored item (image, or video), named for `mmalign score` /
+    `mmalign eval` summaries: `<scorer>/mean` (per dimension `<scorer>/<dim>/mean`) and `<scorer>/items`. A
+    clip_score folder also gets `clip_score/torchmetrics` = `max(100 * mean(cos), 0)` (torchmetrics' CLIPScore over
+    the set, what papers report; `metrics.clip_score_aggregates`) beside `clip_score/mean`, the mean of the clamped
+    per-image scores; the two differ when some cosines are negative. `source`: as `read_scores`."""
+    import numpy as np
+
+    from mmalign.rewards.metrics import clip_score_aggregates
+
+    scores, info = read_scores(out_dir, scorer_name, source)
+    name = info.get("name", scorer_name)
+    flat = [x for key in sorted(scores) for x in scores[key]]
+    out: dict[str, float | int] = {f"{name}/items": len(flat)}
+    if info.get("dims"):
+        cols = np.asarray(flat, dtype=np.float64).reshape(len(flat), len(info["dims"]))
+        for j, dim in enumerate(info["dims"]):
+            out[f"{name}/{dim}/mean"] = float(cols[:, j].mean()) if len(flat) else float("nan")
+    else:
+        out[f"{name}/mean"] = float(np.mean(flat)) if flat else float("nan")
+    cos: dict[str, list] = {}
+    if source is not None:
+        from mmalign.data.manifest import open_source
+
+        files = [score_path(out_dir, scorer_name, n) for n in open_source(source).names]
+    else:
+        files = sorted(scorer_dir(out_dir, scorer_name).glob("*.jsonl"))
+    for path in files:
+        for line in path.read_text().splitlines()[1:]:
+            row = json.loads(line)
+            if "cos" in row and row["key"] in scores:
+                cos[row["key"]] = row["cos"]
+    if cos and cos.keys() == scores.keys():
+        agg = clip_score_aggregates([c for key in sorted(cos) for c in cos[key]])
+        out[f"{name}/torchmetrics"] = agg["torchmetrics"]
+    return out
+
+
+def format_summary(summary: dict[str, float | int]) -> str:
+    return "  ".join(f"{k} {v}" if isinstance(v, int) else f"{k} {v:.4f}" for k, v in summary.items())
 
 
 # -- Ray Data ----------------------------------------------------------------------------------------------------

@@ -10,7 +10,10 @@ mean and std.
 
 Generation is staged: each finished prompt is kept under `OUT/.staging/` (PNG files + a JSON record written last),
 so an interrupted run resumes where it stopped; the shards are written (sorted keys `000000042`) once every prompt
-is done, then the staging folder is removed.
+is done, then the staging folder is removed. A staged run is resumed only by a run with the same inputs: scorers
+(and their versions), generators and their settings (steps, guidance, resolution, dtype), k, seed and the prompts
+themselves (their sha256, so another file or another `--limit` counts as a change). Otherwise the run is refused,
+naming what changed; `--overwrite` discards the staged run and starts again.
 
     mmalign selfgen ranked --generators runwayml/sd15,/models/sdxl --prompts prompts.txt --k 4 \
         --scorers hps,pickscore --out data/synpic
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import sys
@@ -31,7 +35,9 @@ STAGING = ".staging"
 
 
 class ImageGenerator(Protocol):
-    """Anything that turns prompts + seeds into PIL images (one per prompt) and has a `name`."""
+    """Anything that turns prompts + seeds into PIL images (one per prompt) and has a `name`. A generator may also
+    have `settings` (a JSON-serialisable dict of whatever else changes its images: steps, guidance, resolution...);
+    a staged run is resumed only with the same names and settings."""
 
     name: str
 
@@ -60,6 +66,12 @@ class DiffusersGenerator:
         self.pipe.to(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.pipe.set_progress_bar_config(disable=True)
         self.name = self.name or self.source
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """What changes the images besides prompt and seed (the resume key of a staged run); not the device."""
+        return {"source": self.source, "steps": self.steps, "guidance_scale": self.guidance_scale,
+                "resolution": self.resolution, "dtype": self.dtype}
 
     def __call__(self, prompts: list[str], seeds: list[int]) -> list[Any]:
         import torch
@@ -97,6 +109,46 @@ def _stage_dir(out_dir: Path) -> Path:
     return out_dir / STAGING
 
 
+_RUN_KEYS = {"versions": "scorers", "generators": "generators", "generator_settings": "generator settings",
+             "k": "k", "seed": "seed", "prompts": "prompts"}
+
+
+def _run_key(versions: dict, generators: Sequence[Any], k: int, seed: int, prompts: Sequence[str]) -> dict:
+    """Every input that changes a staged prompt's images or scores (a resumed run must match it exactly)."""
+    import hashlib
+
+    settings = [getattr(g, "settings", None) for g in generators]
+    return json.loads(json.dumps({
+        "versions": versions, "generators": [g.name for g in generators], "generator_settings": settings,
+        "k": k, "seed": seed,
+        "prompts": {"count": len(prompts),
+                    "sha256": hashlib.sha256(json.dumps(list(prompts)).encode()).hexdigest()}}, default=str))
+
+
+def _key_changes(staged: Any, now: dict) -> list[str]:
+    """What differs between a staged run's key and this run's, in words."""
+    if not isinstance(staged, dict):
+        return ["inputs (its run.json is missing or unreadable)"]
+    out = []
+    for key, words in _RUN_KEYS.items():
+        old, new = staged.get(key), now.get(key)
+        if old == new:
+            continue
+        detail = f"{old} -> {new}"
+        if key == "generator_settings" and isinstance(old, list) and len(old) == len(new):
+            diffs = []
+            for o, n in zip(old, new):
+                o, n = o if isinstance(o, dict) else {}, n if isinstance(n, dict) else {}
+                diffs += [f"{name} {o.get(name)} -> {n.get(name)}" for name in sorted(set(o) | set(n))
+                          if o.get(name) != n.get(name)]
+            detail = "; ".join(dict.fromkeys(diffs)) or detail
+        elif key == "prompts" and isinstance(old, dict):
+            detail = (f"{old.get('count')} prompts, sha256 {str(old.get('sha256'))[:12]} -> {new['count']} prompts, "
+                      f"sha256 {new['sha256'][:12]}")
+        out.append(f"{words} ({detail})")
+    return out
+
+
 def build_ranked_set(prompts: Sequence[str], generators: Sequence[ImageGenerator], scorers: Sequence[Any],
                      out_dir: str | os.PathLike, *, k: int = 4, seed: int = 0, batch_size: int = 8,
                      max_count: int = 1000, overwrite: bool = False, progress: bool = True):
@@ -130,11 +182,23 @@ def build_ranked_set(prompts: Sequence[str], generators: Sequence[ImageGenerator
     stage.mkdir(parents=True, exist_ok=True)
     versions = {s.name: s.version for s in scorers}
     gen_names = [g.name for g in generators]
-    run_info = {"versions": versions, "generators": gen_names, "k": k, "seed": seed}
+    run_info = _run_key(versions, generators, k, seed, prompts)
     info_path = stage / "run.json"
-    if info_path.is_file() and json.loads(info_path.read_text()) != run_info:
-        raise ValueError(f"{stage} holds a run with other scorers / generators / k / seed "
-                         f"({info_path.read_text().strip()}); remove it or use another --out")
+    if info_path.is_file() or any(stage.iterdir()):
+        try:
+            staged = json.loads(info_path.read_text())
+        except (OSError, ValueError):
+            staged = None
+        if staged != run_info:
+            changes = _key_changes(staged, run_info)
+            if not overwrite:
+                raise ValueError(f"{stage} holds an unfinished run made with other {', '.join(changes)}; its staged "
+                                 "images cannot be reused. Pass --overwrite (overwrite=True) to discard it and start "
+                                 "again, or use another --out")
+            logging.getLogger("mmalign.selfgen.ranked").warning(
+                "discarding the staged run in %s (other %s)", stage, ", ".join(changes))
+            shutil.rmtree(stage)
+            stage.mkdir(parents=True)
     atomic_write_text(info_path, json.dumps(run_info))
     todo = [i for i in range(len(prompts)) if not (stage / f"{i:09d}.json").is_file()]
     per_chunk = max(1, batch_size // k)
@@ -170,6 +234,10 @@ def build_ranked_set(prompts: Sequence[str], generators: Sequence[ImageGenerator
     bar.close()
 
     records = [json.loads((stage / f"{i:09d}.json").read_text()) for i in range(len(prompts))]
+    for i, rec in enumerate(records):  # the run key covers this; a staged record of another prompt is never used
+        if rec.get("prompt") != prompts[i]:
+            raise ValueError(f"{stage / f'{i:09d}.json'} was staged for another prompt ({rec.get('prompt')!r}, now "
+                             f"{prompts[i]!r}); pass --overwrite to start again")
     scores, stats = z_normalize({name: [r["raw"][name] for r in records] for name in names})
     with ShardSetWriter(out, "ranked", max_count=max_count, overwrite=overwrite) as writer:
         for i, (rec, sc) in enumerate(zip(records, scores)):

@@ -1,7 +1,8 @@
 """Text-to-image outputs: the trained model in the format diffusers reads, and validation grids.
 
 Full fine-tune: `unet/` (`UNet2DConditionModel.from_pretrained`); LoRA: `lora/`, the format
-`pipeline.load_lora_weights(folder)` reads.
+`pipeline.load_lora_weights(folder)` reads, with its peft config (alpha, rank, targets) in the file's header; the
+model card `README.md` and the Hub upload (`run.push_to_hub`).
 """
 
 from __future__ import annotations
@@ -50,7 +51,12 @@ def save_final_model(cfg: T2ITrainConfig, adapter: T2IAdapter, unet, ema, run_di
         layers = get_peft_model_state_dict(unet, state_dict=state_dict)
         layers = {k: v.detach().float().cpu().contiguous() for k, v in layers.items()}
         pipe_cls = StableDiffusionXLPipeline if adapter.c.is_sdxl else StableDiffusionPipeline
-        atomic_dir(run_dir / "lora", lambda d: pipe_cls.save_lora_weights(str(d), unet_lora_layers=layers))
+        # The adapter's peft LoraConfig (rank, alpha, targets, ...) goes into the safetensors header, which
+        # `load_lora_weights` reads back: without it diffusers infers alpha = rank (scale 1), and a LoRA trained
+        # with alpha != rank would load scaled by rank / alpha.
+        metadata = lora_metadata(unet)
+        atomic_dir(run_dir / "lora", lambda d: pipe_cls.save_lora_weights(str(d), unet_lora_layers=layers,
+                                                                          unet_lora_adapter_metadata=metadata))
         return {"lora": str(run_dir / "lora")}
     if ema is not None:
         atomic_dir(run_dir / "unet_non_ema", lambda d: unet.save_pretrained(str(d)))
@@ -63,6 +69,21 @@ def save_final_model(cfg: T2ITrainConfig, adapter: T2IAdapter, unet, ema, run_di
     else:
         atomic_dir(run_dir / "unet", lambda d: unet.save_pretrained(str(d)))
     return {"unet": str(run_dir / "unet")}
+
+
+def lora_metadata(module, adapter_name: str = "default") -> dict:
+    """The peft `LoraConfig` of `module`'s adapter as the JSON-able dict diffusers stores with LoRA weights
+    (`unet_lora_adapter_metadata`; diffusers' training scripts pass the same `peft_config[...].to_dict()`)."""
+    config = getattr(module, "peft_config", {}).get(adapter_name)
+    if config is None:
+        raise TrainingError(f"the trained model has no LoRA adapter {adapter_name!r} to export")
+    meta = config.to_dict()
+    # Dropout is training-only, and the exported file is for inference: `load_lora_weights` (and peft's
+    # `inject_adapter_in_model`) add the LoRA modules in training mode even into a model in eval mode, so a
+    # stored dropout would drop activations at generation time. The trained value is in the model card.
+    meta["lora_dropout"] = 0.0
+    # sets are not JSON; sorted lists keep the file deterministic
+    return {k: sorted(v) if isinstance(v, set) else v for k, v in meta.items()}
 
 
 def build_pipeline(adapter: T2IAdapter, unet, pretrained: str):
@@ -112,3 +133,119 @@ def run_validation(cfg: T2ITrainConfig, adapter: T2IAdapter, unet, run_dir: Path
     grid.save(path)
     logger.image("validation/grid", np.asarray(grid), step)
     return str(path)
+
+
+# -- model card and hub upload -----------------------------------------------------------------------------------------
+CARD_GRID = "validation_grid.png"
+METHOD_TITLES = {"dpo": "Diffusion-DPO", "mapo": "MaPO", "rankdpo": "RankDPO", "sft": "supervised fine-tuning"}
+
+
+def _metric_value(value) -> str:
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+def write_model_card(cfg: T2ITrainConfig, run_dir: Path, grid: str | None = None) -> Path:
+    """`run_dir/README.md`, a Hugging Face model card as diffusers' training scripts write it: YAML front matter
+    (base model, tags) and what was trained on what, how, with the final metrics and the last validation grid
+    (copied next to the card as `validation_grid.png`)."""
+    import shutil
+
+    from mmalign.config import atomic_write_text
+    from mmalign.train.metrics import read_metrics
+
+    m, meth, d, t = cfg.model, cfg.method, cfg.data, cfg.train
+    lora = m.lora
+    index = read_model_index(m.pretrained, m.revision)
+    sdxl = "text_encoder_2" in index
+    pipe_name = index.get("_class_name", "")
+    if not pipe_name.startswith("StableDiffusion"):
+        pipe_name = "DiffusionPipeline"
+    title = METHOD_TITLES.get(meth.name, meth.name)
+    tags = ["text-to-image", "diffusers", "diffusers-training", "lora" if lora else "full-fine-tune", "mmalign",
+            meth.name, "stable-diffusion-xl" if sdxl else "stable-diffusion"]
+    rows = read_metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else []
+    last = rows[-1] if rows else {}
+    steps = int(last.get("step", t.max_steps))
+    if grid:
+        shutil.copyfile(grid, run_dir / CARD_GRID)
+    try:
+        from accelerate import PartialState
+
+        processes = PartialState().num_processes
+    except Exception:  # noqa: BLE001 - no accelerate state outside a run
+        processes = 1
+    beta = f"{meth.resolved_beta():g}" if meth.name in ("dpo", "rankdpo", "mapo") else "n/a"
+    if lora:
+        what = (f"LoRA: rank {lora.rank}, alpha {lora.alpha if lora.alpha is not None else lora.rank:g} "
+                f"(scale {(lora.alpha or lora.rank) / lora.rank:g}), "
+                + (f"dropout {lora.dropout:g} (training only), " if lora.dropout else "")
+                + "targets " + ", ".join(f"`{x}`" for x in lora.target_modules))
+    else:
+        what = "full fine-tune of the UNet" + (f", EMA weights (decay {t.ema_decay:g}; the raw weights are in "
+                                               "`unet_non_ema/`)" if t.ema else "")
+    if lora:
+        lora_at = cfg.run.hub_model_id or str(run_dir / "lora")
+        use = f"pipe = {pipe_name}.from_pretrained({m.pretrained!r})\npipe.load_lora_weights({lora_at!r})"
+    else:
+        unet_at = (f"{cfg.run.hub_model_id!r}, subfolder='unet'" if cfg.run.hub_model_id
+                   else repr(str(run_dir / "unet")))
+        use = (f"unet = UNet2DConditionModel.from_pretrained({unet_at})\n"
+               f"pipe = {pipe_name}.from_pretrained({m.pretrained!r}, unet=unet)")
+    lines = ["---", f"base_model: {m.pretrained}", "library_name: diffusers", "pipeline_tag: text-to-image",
+             "tags:", *[f"- {x}" for x in tags], "---", "",
+             f"# {title} {'LoRA' if lora else 'fine-tune'} of {m.pretrained}", "",
+             f"Trained with mmalign ({title}, `method.name: {meth.name}`); the resolved config is the run's "
+             "`config.yaml`.",
+             "", "## Training", "", "| | |", "|---|---|",
+             f"| base model | `{m.pretrained}`" + (f" (revision `{m.revision}`)" if m.revision else "") + " |",
+             f"| method | `{meth.name}`, loss_type `{meth.loss_type}`, β {beta}"
+             + (f", label smoothing {meth.label_smoothing:g}" if meth.label_smoothing else "") + " |",
+             f"| weights | {what} |",
+             f"| data | `{d.shards}` (schema `{d.schema_name}`), resolution {d.resolution} |",
+             f"| steps | {steps} optimizer steps, batch {t.batch_size} x {t.gradient_accumulation_steps} accumulation "
+             f"x {processes} processes |",
+             f"| optimizer | {cfg.optim.name}, lr {cfg.optim.lr:g} ({cfg.optim.lr_scheduler}) |",
+             f"| precision | {t.mixed_precision} |", f"| seed | {cfg.run.seed} |", ""]
+    if last:
+        lines += [f"## Final metrics (step {steps})", "", "| metric | value |", "|---|---|",
+                  *[f"| {k} | {_metric_value(v)} |" for k, v in last.items() if k != "step"], ""]
+    if grid:
+        v = cfg.validation
+        lines += ["## Samples", "", f"![validation grid]({CARD_GRID})", "",
+                  f"Rows: {'; '.join(repr(p) for p in v.prompts)}; {v.images_per_prompt} seeds each, "
+                  f"{v.num_inference_steps} steps, guidance {v.guidance_scale:g}.", ""]
+    lines += ["## Use", "", "```python", f"from diffusers import {pipe_name}"
+              + ("" if lora else ", UNet2DConditionModel"), "", use, "```", ""]
+    path = run_dir / "README.md"
+    atomic_write_text(path, "\n".join(lines))
+    return path
+
+
+def push_to_hub(repo_id: str, run_dir: Path, outputs: dict[str, str]) -> str:
+    """Upload the trained model and its card to the Hub repo `repo_id` in one commit: a LoRA's files at the repo
+    root (`pipe.load_lora_weights(repo_id)`), a full fine-tune's `unet/` (and `unet_non_ema/`) as folders, with
+    `README.md` and the validation grid. Returns the commit URL; any failure is a TrainingError naming the repo and
+    the local folder (the run's outputs stay on disk either way)."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    ops = []
+    for name in ("README.md", CARD_GRID):
+        if (run_dir / name).is_file():
+            ops.append(CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(run_dir / name)))
+    folders = [("lora", "")] if "lora" in outputs else [("unet", "unet/"), ("unet_non_ema", "unet_non_ema/")]
+    for folder, prefix in folders:
+        root = run_dir / folder
+        if root.is_dir():
+            ops += [CommitOperationAdd(path_in_repo=prefix + f.relative_to(root).as_posix(),
+                                       path_or_fileobj=str(f)) for f in sorted(root.rglob("*")) if f.is_file()]
+    try:
+        api = HfApi()
+        api.create_repo(repo_id, repo_type="model", exist_ok=True)
+        info = api.create_commit(repo_id, ops, commit_message="mmalign: trained model and model card",
+                                 repo_type="model")
+    except Exception as err:  # noqa: BLE001 - network, auth, offline mode: one clear message
+        raise TrainingError(f"run.push_to_hub: uploading {run_dir} to the Hub repo {repo_id!r} failed "
+                            f"({type(err).__name__}: {err}). The trained model and README.md are saved in {run_dir}: "
+                            "upload them later (`hf upload`), or check network, token (`hf auth login`, HF_TOKEN) "
+                            "and HF_HUB_OFFLINE") from err
+    return str(getattr(info, "commit_url", info))

@@ -25,7 +25,7 @@ from mmalign.models.reference import ReferenceChoice, resolve_reference
 from mmalign.t2i.adapter import CACHE_NAME, T2IAdapter, TextConditioning, encoder_dtype, load_t2i_components, \
     sdxl_resolution_problem
 from mmalign.t2i.cache import EMPTY_PROMPT_FILE, build_cache, cache_producer
-from mmalign.t2i.export import run_validation, save_final_model
+from mmalign.t2i.export import push_to_hub, run_validation, save_final_model, write_model_card
 from mmalign.train.config import BaseTrainConfig
 from mmalign.train.tasks import Built, Task
 from mmalign.train.trainer import DataError, TrainingError
@@ -36,7 +36,7 @@ T2I_REFERENCES = ("lora", "copy", "none")
 # -- config --------------------------------------------------------------------------------------------------------
 class LoraConfig(StrictModel):
     rank: int = Field(8, ge=1, description="LoRA rank r.")
-    alpha: Optional[float] = Field(None, description="LoRA alpha; null = rank (scale 1).")
+    alpha: Optional[float] = Field(None, gt=0, description="LoRA alpha; null = rank (scale 1).")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     target_modules: list[str] = Field(
         default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
@@ -145,7 +145,7 @@ class ValidationConfig(StrictModel):
     every: int = Field(0, ge=0, description="Steps between validation grids; 0 = only at the end if prompts "
                                             "are set.")
     prompts: list[str] = Field(default_factory=list)
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     num_inference_steps: int = Field(20, gt=0)
     guidance_scale: float = 5.0
     images_per_prompt: int = Field(2, gt=0)
@@ -281,6 +281,7 @@ class T2ITask(Task):
 
     config_class = T2ITrainConfig
     progress_metrics = ("rewards/accuracies",)
+    uploads_to_hub = True
     compute_loss = staticmethod(compute_loss)
 
     def __init__(self, cfg: T2ITrainConfig):
@@ -288,6 +289,7 @@ class T2ITask(Task):
         self.adapter: T2IAdapter | None = None
         self.ema = None
         self.empty_prompt: TextConditioning | None = None
+        self.final_outputs: dict[str, str] | None = None  # set by save_final (the model card and upload use it)
 
     @cached_property
     def producer(self) -> dict:
@@ -366,7 +368,21 @@ class T2ITask(Task):
             self.ema.step(unwrapped.parameters())
 
     def save_final(self, unwrapped, run_dir: Path, state_dict: dict | None = None) -> dict[str, str]:
-        return save_final_model(self.cfg, self.adapter, unwrapped, self.ema, run_dir, state_dict)
+        """The model (`mmalign.t2i.export`), `README.md` (the model card) and, with run.push_to_hub, the upload.
+
+        The loop runs the final validation right after this (not with sharded weights): the card then gets that
+        grid and the upload waits for it (`validate`); without one, both happen here, with the latest grid."""
+        outputs = save_final_model(self.cfg, self.adapter, unwrapped, self.ema, run_dir, state_dict)
+        grids = sorted((run_dir / "samples").glob("step-*.png"))
+        outputs["card"] = str(write_model_card(self.cfg, run_dir, str(grids[-1]) if grids else None))
+        self.final_outputs = dict(outputs)
+        if not self.cfg.validation.prompts or state_dict is not None:
+            outputs.update(self._push(run_dir))
+        return outputs
+
+    def _push(self, run_dir: Path) -> dict[str, str]:
+        run = self.cfg.run
+        return {"hub": push_to_hub(run.hub_model_id, run_dir, self.final_outputs)} if run.push_to_hub else {}
 
     @property
     def validation_every(self) -> int:
@@ -382,11 +398,15 @@ class T2ITask(Task):
             for module in encoders:
                 move_module(module, device, encoder_dtype(self.cfg.train.mixed_precision))
         try:
-            return {"grid": run_validation(self.cfg, self.adapter, unwrapped, run_dir, step, logger)}
+            out = {"grid": run_validation(self.cfg, self.adapter, unwrapped, run_dir, step, logger)}
         finally:
             if self.cfg.data.use_cache:
                 for module in encoders:
                     module.to("cpu")
+        if self.final_outputs is not None:  # the final validation, after save_final: the card gets this grid
+            write_model_card(self.cfg, run_dir, out["grid"])
+            out.update(self._push(run_dir))
+        return out
 
     def build_cache(self) -> Path:
         return build_cache(self.cfg, progress=self.cfg.train.progress)

@@ -2,39 +2,27 @@
 
 `scenes` defines the 32x32 scene contract and captions, `rewards` the ground-truth (and differentiable) rewards,
 `annotator` the Bradley-Terry / Plackett-Luce simulated annotator.
+
+Names are imported lazily (importing `mmalign.toy` does not import torch: `mmalign --help` stays fast).
 """
 
-from mmalign.toy.annotator import agreement, expected_agreement, label_pairs, preference_probability, rank
-from mmalign.toy.rewards import (
-    classify_shape,
-    color_adherence,
-    color_adherence_torch,
-    foreground_mask,
-    position_adherence,
-    reward_components,
-    shape_adherence,
-    shape_scores,
-    to_uint8_images,
-    total_reward,
-)
-from mmalign.toy.scenes import (
-    BACKGROUND,
-    CAPTION_TEMPLATE,
-    COLORS,
-    IMAGE_SIZE,
-    PALETTE,
-    POSITION_BANDS,
-    POSITIONS,
-    SHAPES,
-    Scene,
-    all_prompts,
-    noisy_caption,
-    parse_caption,
-    prompt_seed_pairs,
-    sample_scene,
-    sample_scenes,
-    save_scene_grid,
-)
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "agreement": "annotator", "expected_agreement": "annotator", "label_pairs": "annotator",
+    "preference_probability": "annotator", "rank": "annotator",
+    "classify_shape": "rewards", "color_adherence": "rewards", "color_adherence_torch": "rewards",
+    "foreground_mask": "rewards", "position_adherence": "rewards", "reward_components": "rewards",
+    "shape_adherence": "rewards", "shape_scores": "rewards", "to_uint8_images": "rewards",
+    "total_reward": "rewards",
+    "BACKGROUND": "scenes", "CAPTION_TEMPLATE": "scenes", "COLORS": "scenes", "IMAGE_SIZE": "scenes",
+    "PALETTE": "scenes", "POSITION_BANDS": "scenes", "POSITIONS": "scenes", "SHAPES": "scenes", "Scene": "scenes",
+    "all_prompts": "scenes", "noisy_caption": "scenes", "parse_caption": "scenes", "prompt_seed_pairs": "scenes",
+    "sample_scene": "scenes", "sample_scenes": "scenes", "save_scene_grid": "scenes",
+}
 
 __all__ = [
     "BACKGROUND",
@@ -69,3 +57,16 @@ __all__ = [
     "to_uint8_images",
     "total_reward",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mmalign.toy' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"mmalign.toy.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

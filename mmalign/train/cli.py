@@ -24,7 +24,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = load_train_config(args.config, args.overrides)
     except ConfigError as err:
-        print(f"mmalign train: invalid config:\n{err}", file=sys.stderr)
+        sep = "\n" if "\n" in str(err) else " "  # one problem: one line
+        print(f"mmalign train: invalid config:{sep}{err}", file=sys.stderr)
         return 2
     if args.print_config:
         print(config_to_yaml(cfg), end="")
@@ -34,7 +35,9 @@ def run(args: argparse.Namespace) -> int:
               "--cache-only), not under a multi-process launcher: one writer builds the cache", file=sys.stderr)
         return 2
     from mmalign.data.cache import StaleCacheError
+    from mmalign.data.dataset import CorruptSampleError
     from mmalign.data.manifest import ManifestError
+    from mmalign.data.safety import UnsafeSourceError
     from mmalign.models.loading import ModelLoadError
     from mmalign.train.tasks import task_for
     from mmalign.train.trainer import TrainingError, train
@@ -45,8 +48,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"mmalign train --cache-only: wrote {task_for(cfg).build_cache()}")
         else:
             train(cfg)
-    except (TrainingError, ModelLoadError, ManifestError, StaleCacheError, NotImplementedError) as err:
-        # Bad input found before or during the run: the message names the key or file; no traceback needed.
+    except (TrainingError, ModelLoadError, ManifestError, UnsafeSourceError, StaleCacheError, CorruptSampleError,
+            NotImplementedError) as err:
+        # Bad input found before or during the run (strict mode: a corrupt sample): the message names the key,
+        # file or sample; no traceback needed.
         print(f"mmalign {what}: {err}", file=sys.stderr)
         return 2
     return 0

@@ -11,9 +11,9 @@ Each task's own sections live next to its code, in its modality's folder (`mmali
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from mmalign.config import StrictModel
 
@@ -21,13 +21,30 @@ from mmalign.config import StrictModel
 class RunConfig(StrictModel):
     output_dir: str = Field("runs/train", description="Run folder: config.yaml, metrics.jsonl, TensorBoard, "
                                                       "checkpoints/, samples/, final model.")
-    seed: int = Field(0, description="Seeds model init noise, data order, timesteps and noise; fixed for "
-                                     "reproducibility and exact resume.")
+    seed: int = Field(0, ge=0, lt=2**63, description="Seeds model init noise, data order, timesteps and noise; "
+                                                     "fixed for reproducibility and exact resume.")
     resume: Optional[str] = Field(None, description="null = fresh run (refuses a non-empty run folder that has "
                                                     "checkpoints); 'latest' = newest checkpoint in output_dir; "
                                                     "or a checkpoint folder path.")
     overwrite: bool = Field(False, description="Allow starting fresh in a run folder that already has "
                                                "checkpoints (they are kept until overwritten).")
+    push_to_hub: bool = Field(False, description="After the final save, upload the trained model and its model "
+                                                 "card (README.md) to the Hugging Face Hub repo "
+                                                 "run.hub_model_id (created if missing; needs network and a "
+                                                 "token: `hf auth login` or HF_TOKEN). Text-to-image runs.")
+    hub_model_id: Optional[str] = Field(None, description="The Hub repo for run.push_to_hub, e.g. "
+                                                          "'user/sd15-dpo-lora'.")
+
+    @model_validator(mode="after")
+    def _hub(self) -> "RunConfig":
+        if self.push_to_hub and not self.hub_model_id:
+            raise ValueError("run.push_to_hub true needs run.hub_model_id, the Hub repo to upload to "
+                             "(e.g. 'user/sd15-dpo-lora')")
+        return self
+
+
+# An Adam decay rate is in [0, 1) (1 divides by 0 in the bias correction); torch checks only once the model loads.
+_Beta = Annotated[float, Field(ge=0, lt=1)]
 
 
 class OptimConfig(StrictModel):
@@ -37,9 +54,11 @@ class OptimConfig(StrictModel):
                                               "total batch 2048 = 2.048e-5), else the lr used as is.")
     scale_lr: bool = Field(False, description="Multiply lr by batch_size x grad accumulation x num processes.")
     weight_decay: float = Field(1e-2, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    max_grad_norm: Optional[float] = Field(1.0, description="Gradient clipping; null = off.")
+    betas: tuple[_Beta, _Beta] = Field((0.9, 0.999), description="AdamW's (beta1, beta2), each in [0, 1) "
+                                                                  "(adamw, adamw8bit; adafactor ignores them).")
+    eps: float = Field(1e-8, gt=0, description="AdamW's denominator term (adamw, adamw8bit).")
+    max_grad_norm: Optional[float] = Field(1.0, gt=0, description="Gradient clipping to this global norm; "
+                                                                  "null = off.")
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant_with_warmup"
     lr_warmup_steps: int = Field(0, ge=0)
 

@@ -6,6 +6,7 @@ micro-batches it already consumed: the data position is exact.
 
 from __future__ import annotations
 
+from collections import Counter
 from functools import partial
 from typing import Any, Callable, Iterator
 
@@ -52,6 +53,44 @@ def _inline_small_tensors(collate: Callable, samples: list) -> Any:
     return _walk(collate(samples), _to_inline)
 
 
+def _skip_totals(dataset) -> tuple[int, Counter] | None:
+    stats = getattr(dataset, "stats", None)
+    return None if stats is None else (int(stats.skipped), Counter(stats.reasons))
+
+
+def _add_skips(batch: dict, n: int, reasons: Counter) -> None:
+    batch["skipped"] = int(batch.get("skipped", 0)) + n
+    merged = Counter(batch.get("skip_reasons") or {})
+    merged.update(reasons)
+    batch["skip_reasons"] = dict(merged)
+
+
+def _with_tail_skips(loader, dataset) -> Iterator[tuple[dict, tuple[int, Counter] | None]]:
+    """(batch, None) for each batch of one pass, the last one as (batch, (n, reasons)): the skips of this pass
+    that no batch reported (the dataset's shared counters, complete once the loader is exhausted, less what the
+    batches carried). One batch is held back to know which is last."""
+    before = _skip_totals(dataset)
+    carried, carried_reasons = 0, Counter()
+    held = None
+    for batch in loader:
+        carried += int(batch.get("skipped", 0))
+        carried_reasons.update(batch.get("skip_reasons") or {})
+        if held is not None:
+            yield held, None
+        held = batch
+    if held is None:
+        return
+    after = _skip_totals(dataset)
+    if before is None or after is None:
+        yield held, None
+        return
+    reasons = after[1] - before[1]
+    reasons.subtract(carried_reasons)
+    reasons = Counter({k: v for k, v in reasons.items() if v > 0})
+    n = max(0, after[0] - before[0] - carried)
+    yield held, ((n, reasons) if n else None)
+
+
 def endless_batches(dataset, collate: Callable, batch_size: int, *, skip: int = 0, num_workers: int = 0,
                     what: str = "data.shards") -> Iterator[dict]:
     """Micro-batches of `batch_size` from a `mmalign.data` reader, epoch after epoch (`dataset.set_epoch`); the
@@ -59,6 +98,11 @@ def endless_batches(dataset, collate: Callable, batch_size: int, *, skip: int = 
 
     Incomplete last batches are dropped so every micro-batch has the same size. Raises ValueError naming `what`
     if an epoch yields no batch at all (too few usable samples for this rank).
+
+    Skip counts: a batch's `skipped` / `skip_reasons` cover the bad samples read just before its samples; bad samples
+    read after an epoch's last full batch (before the samples `drop_last` discards, or after a worker's last
+    sample) are added to that epoch's last batch, from the dataset's `stats`. So the batches of an epoch count
+    every bad sample the epoch read exactly once.
     """
     from torch.utils.data import DataLoader
 
@@ -70,13 +114,15 @@ def endless_batches(dataset, collate: Callable, batch_size: int, *, skip: int = 
     while True:
         dataset.set_epoch(epoch)
         n = 0
-        for batch in loader:
+        for batch, tail in _with_tail_skips(loader, dataset):
             n += 1
             produced += 1
             if produced <= skip:
                 continue
             if num_workers > 0:
                 batch = _walk(batch, _from_inline)
+            if tail is not None:
+                _add_skips(batch, *tail)
             batch["epoch"] = epoch
             yield batch
         if n == 0:

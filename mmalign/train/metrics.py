@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,10 +24,12 @@ class MetricsLogger:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
-            # On resume, drop rows logged after the checkpoint we restart from (they will be logged again).
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= start_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            # On resume, drop rows logged after the checkpoint we restart from (they will be logged again), and a
+            # line a power loss or a full disk left partial; the file is replaced atomically.
+            kept = [json.dumps(row) for row in _read_rows(self.path) if row.get("step", 0) <= start_step]
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.path)
         self._fh = self.path.open("a")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -57,5 +61,26 @@ class MetricsLogger:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The rows of `run_dir/metrics.jsonl`; a line that is not whole JSON (a write cut by a power loss or a full
+    disk) is dropped with a warning."""
+    return _read_rows(Path(run_dir) / "metrics.jsonl")
+
+
+def _read_rows(path: Path) -> list[dict]:
+    rows, bad = [], []
+    lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            bad.append(number)
+    if bad:
+        what = "a partial last line" if bad == [len(lines)] else f"lines {bad} (not whole JSON rows; partial writes)"
+        warnings.warn(f"{path}: dropped {what}", stacklevel=3)
+    return rows

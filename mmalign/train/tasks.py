@@ -99,6 +99,8 @@ class Task:
     config_class: ClassVar[type[BaseTrainConfig]]
     # metrics shown beside the loss on the progress bar, when the step logs them
     progress_metrics: ClassVar[tuple[str, ...]] = ()
+    # whether save_final writes a model card and honours run.push_to_hub (refused before training otherwise)
+    uploads_to_hub: ClassVar[bool] = False
 
     def __init__(self, cfg: BaseTrainConfig):
         if not isinstance(cfg, self.config_class):

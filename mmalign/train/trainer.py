@@ -99,6 +99,16 @@ def compute_loss(cfg: BaseTrainConfig, model, module, unwrapped, batch: dict,
 
 
 def _check_run_dir(cfg: BaseTrainConfig, run_dir: Path) -> None:
+    """Refuse a run folder or `run.resume` that cannot work, before the accelerator starts or any model loads
+    (it only reads the file system, so every process can run it)."""
+    existing = next((p for p in (run_dir, *run_dir.parents) if p.exists() or p.is_symlink()), None)
+    if existing is not None and not existing.is_dir():
+        what = "is" if existing == run_dir else f"is inside {existing}, which is"
+        raise TrainingError(f"run.output_dir {run_dir} {what} not a folder; choose another run.output_dir")
+    resume = cfg.run.resume
+    if resume is not None and resume != "latest" and not (Path(resume) / ckpt.STATE_FILE).is_file():
+        raise TrainingError(f"run.resume {resume}: not a checkpoint folder (no {ckpt.STATE_FILE}); use 'latest' or "
+                            f"a folder like {run_dir / 'checkpoints' / 'step-100'}")
     if cfg.run.resume is None and ckpt.list_checkpoints(run_dir) and not cfg.run.overwrite:
         raise TrainingError(f"run.output_dir {run_dir} already has checkpoints; resume with run.resume=latest, "
                             "choose another run.output_dir, or set run.overwrite=true")
@@ -123,14 +133,17 @@ def train(cfg: BaseTrainConfig) -> TrainResult:
     from tqdm.auto import tqdm
 
     task: Task = task_for(cfg)
+    if cfg.run.push_to_hub and not task.uploads_to_hub:
+        raise TrainingError(f"run.push_to_hub: task {cfg.task!r} writes no model card and does not upload yet; set "
+                            "run.push_to_hub=false and upload the run's output folder with `hf upload`")
     task.check_inputs()  # bad data, paths, caches: before the accelerator starts or any model loads
     run_dir = Path(cfg.run.output_dir)
+    _check_run_dir(cfg, run_dir)
     accelerator = Accelerator(gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
                               mixed_precision=cfg.train.mixed_precision,
                               cpu=not torch.cuda.is_available())
     device = accelerator.device
     if accelerator.is_main_process:
-        _check_run_dir(cfg, run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         write_resolved_config(cfg, run_dir)
     torch.manual_seed(cfg.run.seed)
@@ -163,12 +176,45 @@ def train(cfg: BaseTrainConfig) -> TrainResult:
     unwrapped = accelerator.unwrap_model(module)
 
     state = TrainState()
-    resume_from = ckpt.resolve_resume(run_dir, cfg.run.resume)
+    resume_from = None
     samples_per_micro_step = cfg.train.batch_size * accelerator.num_processes
+    # The newest complete checkpoint that loads on every process; incomplete ones are skipped and damaged ones
+    # fall back to the previous one, each said in one line; none usable is one error.
+    candidates, unusable = ckpt.resume_candidates(run_dir, cfg.run.resume)
+    for path, why in unusable:
+        accelerator.print(f"warning: skipping checkpoint {path}: {why}")
+    for i, candidate in enumerate(candidates):
+        error = rng_problem = refused = None
+        try:
+            loaded, rng_problem = ckpt.load_training_checkpoint(accelerator, candidate, stateful)
+            loaded = TrainState(**loaded)
+        except ckpt.RefusedCheckpoint as err:
+            refused = err  # a file that would run code when loaded: an error, never replaced by an older checkpoint
+        except Exception as err:  # noqa: BLE001 - any damage: try the previous checkpoint
+            error = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+        # [loaded, refused] summed over processes: every process takes the same checkpoint or stops
+        flags = torch.tensor([float(error is None and refused is None), float(refused is not None)], device=device)
+        if accelerator.num_processes > 1:
+            flags = accelerator.reduce(flags, reduction="sum")
+        if refused is not None:
+            raise refused
+        if flags[1].item() > 0:
+            raise TrainingError(f"{candidate}: refused on another process (see its error)")
+        if flags[0].item() == accelerator.num_processes:
+            resume_from, state = candidate, loaded
+            break
+        error = error or "it could not be loaded on another process"
+        unusable.append((candidate, error))
+        then = f"falling back to {candidates[i + 1]}" if i + 1 < len(candidates) else "no older checkpoint"
+        accelerator.print(f"warning: checkpoint {candidate} is damaged ({error}); {then}")
+    if resume_from is None and unusable:
+        raise TrainingError(f"run.resume={cfg.run.resume}: no usable checkpoint in {run_dir / 'checkpoints'}: "
+                            + "; ".join(f"{p.name} ({why})" for p, why in unusable)
+                            + "; restore one, or start afresh in another run.output_dir")
     if resume_from is not None:
-        ckpt.load_stateful(resume_from, stateful)  # first: it refuses checkpoints accelerate would unpickle
-        accelerator.load_state(str(resume_from))
-        state = TrainState(**ckpt.read_state(resume_from))
+        if rng_problem is not None:  # on the process whose RNG file it is
+            print(f"warning: {rng_problem}: the random number generators were not restored, so this resume is not "
+                  "bit-exact with an uninterrupted run", flush=True)
         accelerator.print(f"resumed from {resume_from} at step {state.global_step}")
         saved = state.samples_per_micro_step
         if saved is not None and saved != samples_per_micro_step:

@@ -43,6 +43,7 @@ from mmalign.methods import METHODS, check_method, preference_loss, sequence_sur
 from mmalign.models.reference import ReferenceChoice, resolve_reference
 from mmalign.train.config import BaseTrainConfig
 from mmalign.train.tasks import Built, SkipBatch, Task
+from mmalign.train.trainer import DataError
 from mmalign.vlm.adapter import LLM_LORA_TARGETS, PromptTooLongError, VLMAdapter, load_vlm
 from mmalign.vlm.reference_cache import REF_CACHE_NAME, precompute_reference_logps, reference_cache_producer
 
@@ -261,8 +262,8 @@ class VLMTask(Task):
         try:
             return vlm_preference_loss(model, batch, cfg.method, policy=module, generator=generator)
         except PromptTooLongError as err:
-            if cfg.data.strict:
-                raise
+            if cfg.data.strict:  # one clear error (the CLI prints it and exits 2), not a traceback
+                raise DataError(f"data.strict: {err}") from err
             raise SkipBatch("prompt_too_long", str(err)) from err
 
     def save_final(self, unwrapped, run_dir: Path) -> dict[str, str]:
