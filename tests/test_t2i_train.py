@@ -6,6 +6,7 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from dist_helpers import torchrun2
 import torch
@@ -48,6 +49,12 @@ def test_tiny_recipes_run_through_the_cli(recipe, tmp_path, monkeypatch):
         assert not ({"mse/policy_chosen", "mse/ref_chosen"} & set(rows[0]) if "rankdpo" in recipe else
                     {"mse/policy", "mse/ref"} & set(rows[0]))
     assert (run / ("lora" if "lora" in recipe else "unet")).is_dir()
+    if recipe == "t2i_dpo.yaml":  # the validation grid: 2 prompts x 2 images of 32 px (x4), each with its caption
+        from PIL import Image
+
+        grid = np.asarray(Image.open(run / "samples" / "step-000004.png").convert("RGB"))
+        assert grid.shape[0] > 2 * 128 and grid.shape[1] >= 2 * 128  # caption bands under the upscaled images
+        assert (grid[-4:] == 255).all()  # ending in a white caption band, not an image row
 
 
 def test_saved_unet_and_lora_load_into_diffusers_pipelines(tmp_path):

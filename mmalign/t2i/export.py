@@ -111,23 +111,27 @@ def build_pipeline(adapter: T2IAdapter, unet, pretrained: str):
 @torch.no_grad()
 def run_validation(cfg: T2ITrainConfig, adapter: T2IAdapter, unet, run_dir: Path, step: int,
                    logger: MetricsLogger) -> str:
-    """Fixed prompts and seeds -> `samples/step-XXXXXX.png` grid (rows = prompts) and TensorBoard."""
-    from diffusers.utils import make_image_grid
+    """Fixed prompts and seeds -> `samples/step-XXXXXX.png` grid (rows = prompts, each image captioned with its
+    prompt and seed, the step as title) and TensorBoard."""
+    from mmalign.grids import captioned_grid
 
     v = cfg.validation
     was_training = unet.training
     unet.eval()
     pipe = build_pipeline(adapter, unet, cfg.model.pretrained)
     pipe.set_progress_bar_config(disable=True)
-    images = []
+    images, captions = [], []
     res = cfg.data.resolution
     for i, prompt in enumerate(v.prompts):
         for j in range(v.images_per_prompt):
-            gen = torch.Generator().manual_seed(v.seed + 1000 * i + j)
+            seed = v.seed + 1000 * i + j
+            gen = torch.Generator().manual_seed(seed)
             images += pipe(prompt, num_inference_steps=v.num_inference_steps, guidance_scale=v.guidance_scale,
                            height=res, width=res, generator=gen).images
+            captions.append(f"{prompt}\nseed {seed}")
     unet.train(was_training)
-    grid = make_image_grid(images, rows=len(v.prompts), cols=v.images_per_prompt)
+    grid = captioned_grid(np.stack([np.asarray(im.convert("RGB")) for im in images]), captions,
+                          cols=v.images_per_prompt, scale=max(1, 128 // res), title=f"step {step}")
     path = run_dir / "samples" / f"step-{step:06d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
