@@ -10,8 +10,7 @@ Names are imported lazily (importing `mmalign.data` does not import torch); see 
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from mmalign._lazy import lazy_exports
 
 _EXPORTS = {
     # readers
@@ -43,14 +42,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'mmalign.data' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"mmalign.data.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

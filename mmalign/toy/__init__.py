@@ -8,8 +8,7 @@ Names are imported lazily (importing `mmalign.toy` does not import torch: `mmali
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from mmalign._lazy import lazy_exports
 
 _EXPORTS = {
     "agreement": "annotator", "expected_agreement": "annotator", "label_pairs": "annotator",
@@ -59,14 +58,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'mmalign.toy' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"mmalign.toy.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
