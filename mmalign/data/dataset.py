@@ -56,9 +56,20 @@ _PROGRAMMING_ERRORS = (TypeError, AttributeError, NameError, AssertionError, Imp
 class CorruptSampleError(RuntimeError):
     """Raised with `strict=True` for a sample that cannot be read; names the shard, the key and the reason."""
 
-    def __init__(self, shard: str, key: str, reason: str):
-        super().__init__(f"{shard}: sample {key!r}: {reason}")
+    def __init__(self, shard: str, key: str | None = None, reason: str | None = None):
+        # One argument: a whole message (how torch's DataLoader rebuilds the error raised in a worker process).
+        super().__init__(shard if key is None else f"{shard}: sample {key!r}: {reason}")
         self.shard, self.key, self.reason = shard, key, reason
+
+    @classmethod
+    def from_worker(cls, err: "CorruptSampleError") -> "CorruptSampleError":
+        """The error a DataLoader worker raised, as one line: torch re-raises it in the training process with the
+        worker's traceback as its message, whose last line is the original error."""
+        text = str(err)
+        if "DataLoader worker" not in text:
+            return err
+        last = [line for line in text.splitlines() if line.strip()][-1].strip()
+        return cls(last.split("CorruptSampleError: ", 1)[-1])
 
 
 SKIP_STAGES = ("unreadable", "schema", "decode", "cache", "unsafe", "too_large", "duplicate")

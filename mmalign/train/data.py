@@ -91,6 +91,20 @@ def _with_tail_skips(loader, dataset) -> Iterator[tuple[dict, tuple[int, Counter
     yield held, ((n, reasons) if n else None)
 
 
+def _guard_worker_errors(batches: Iterator) -> Iterator:
+    """A strict-mode corrupt sample raised in a DataLoader worker reaches the caller as its one-line error, not the
+    worker's traceback text."""
+    from mmalign.data.dataset import CorruptSampleError
+
+    try:
+        yield from batches
+    except CorruptSampleError as err:
+        clean = CorruptSampleError.from_worker(err)
+        if clean is err:
+            raise
+        raise clean from None
+
+
 def endless_batches(dataset, collate: Callable, batch_size: int, *, skip: int = 0, num_workers: int = 0,
                     what: str = "data.shards") -> Iterator[dict]:
     """Micro-batches of `batch_size` from a `mmalign.data` reader, epoch after epoch (`dataset.set_epoch`); the
@@ -114,7 +128,7 @@ def endless_batches(dataset, collate: Callable, batch_size: int, *, skip: int = 
     while True:
         dataset.set_epoch(epoch)
         n = 0
-        for batch, tail in _with_tail_skips(loader, dataset):
+        for batch, tail in _guard_worker_errors(_with_tail_skips(loader, dataset)):
             n += 1
             produced += 1
             if produced <= skip:
