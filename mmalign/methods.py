@@ -18,10 +18,14 @@ token log-probs for every type except `ipo`, whose log-ratios are length-normali
 2023; TRL divides by the completion length). A task's `surrogate: auto` takes that; `mean` with another type is a
 length-normalised variant; `sum` with `ipo` is refused. Diffusion errors are already means over C,H,W.
 
-Metric names (TRL's, the same for every modality): `loss` (added by the loop), `rewards/chosen`,
-`rewards/rejected`, `rewards/margins`, `rewards/accuracies`; then per surrogate kind, pairs: `mse/policy_chosen`,
-`mse/policy_rejected`, `mse/ref_chosen`, `mse/ref_rejected` (error) or `logps/chosen`, `logps/rejected` (logp);
-ranked lists: `mse/policy`, `mse/ref`, `ranked/num_pairs`, `ranked/prompts_with_pairs`; MaPO adds `mapo/*`.
+Metric names (TRL's, the same for every modality; `loss` is added by the loop):
+- dpo: `rewards/chosen`, `rewards/rejected`, `rewards/margins`, `rewards/accuracies`, and `mse/policy_chosen`,
+  `mse/policy_rejected`, `mse/ref_chosen`, `mse/ref_rejected` (error) or `logps/chosen`, `logps/rejected` (logp);
+- mapo: `rewards/accuracies`, `mapo/sft_loss`, `mapo/ratio_loss`, `mapo/log_odds`, `mse/policy_chosen`,
+  `mse/policy_rejected`;
+- rankdpo: `rewards/margins`, `rewards/accuracies`, `ranked/num_pairs`, `ranked/prompts_with_pairs`, `mse/policy`,
+  `mse/ref`;
+- sft: `mse/policy_chosen`, `mse/policy_rejected` (error) or `logps/chosen` (logp).
 """
 
 from __future__ import annotations

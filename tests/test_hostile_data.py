@@ -104,6 +104,34 @@ def test_a_member_declaring_gigabytes_is_not_allocated(tmp_path, caplog):
     assert any("max_member_bytes" in i.reason and i.key == "k-1" for i in report.issues)
 
 
+def test_many_members_each_under_the_limit_cannot_pile_up_in_one_sample(tmp_path, capsys):
+    """24 members of 1 MiB under one key (each under a 2 MiB limit, together 24 MiB, a few KiB gzipped): the sample
+    is too large as a whole, skipped and counted; its data is not kept (peak memory stays near the limit)."""
+    from mmalign.cli import main as cli_main
+
+    members = pair_members("k-0") + [(f"k-1.{i}.bin", bytes(1 << 20)) for i in range(24)] + pair_members("k-1")
+    members += pair_members("k-2")
+    data = tar_bytes(members, "w:gz")
+    shard = tmp_path / "many.tar.gz"
+    shard.write_bytes(data)
+    ds = reader([str(shard)], max_member_bytes=2 << 20)
+    tracemalloc.start()
+    try:
+        got = keys(ds)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert got == ["k-0", "k-2"]
+    assert dict(ds.stats.reasons) == {"too_large": 1}
+    assert peak < 12 << 20, f"peak {peak / 2**20:.1f} MiB: the sample's members piled up"
+    with pytest.raises(CorruptSampleError, match="add up to more than 2097152 bytes"):
+        keys(reader([str(shard)], max_member_bytes=2 << 20, strict=True))
+    root = write_pairs(tmp_path / "set", 1)
+    install_shard(root, data, 3)
+    assert cli_main(["shards", "validate", str(root), "--no-decode", "--max-member-bytes", "2MiB"]) == 1
+    assert "add up to more than 2097152 bytes" in capsys.readouterr().out
+
+
 def test_an_oversized_gzip_member_is_skipped_counted_and_reported(tmp_path, monkeypatch, capsys):
     """A 16 MiB member (a few KiB gzipped) over a 1 MiB limit: that sample is skipped, counted as too_large, and
     the samples after it are read; the default limit is 512 MiB, set by MMALIGN_MAX_MEMBER_BYTES."""

@@ -123,26 +123,52 @@ def test_resume_latest_skips_an_incomplete_checkpoint_and_says_so_in_one_line(re
     capsys.readouterr()
     resumed = train(cfg_for(tmp_path, *COMMON, "train.max_steps=6", "run.resume=latest"))
     out = capsys.readouterr().out
-    lines = [line for line in out.splitlines() if "step-4" in line and "skip" in line]
+    lines = [line for line in out.splitlines() if line.startswith("warning: skipping checkpoint")]
     assert len(lines) == 1 and "model.safetensors" in lines[0], out
     assert "resumed from" in out and "step-2" in out
     straight = train(cfg_for(tmp_path / "straight", *COMMON, "train.max_steps=6"))
     assert_same_weights(resumed, straight)
 
 
-@pytest.mark.parametrize("damaged", ["model.safetensors", "optimizer.bin", "trainer_state.json"])
+@pytest.mark.parametrize("damaged", ["model.safetensors", "optimizer.bin", "trainer_state.json", "stateful_0.pt",
+                                     "stateful_0.pt:flipped"])
 def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(registered, tmp_path, capsys, damaged):
     """An unreadable file of the same size (bit rot, a bad copy) is found when loading: warned, and the previous
-    complete checkpoint is used; the result equals an uninterrupted run's."""
+    complete checkpoint is used; the result equals an uninterrupted run's. A damaged stateful file (the lr
+    scheduler's, in every checkpoint) is damage, not a refused payload."""
     train(cfg_for(tmp_path, *COMMON, "train.max_steps=4"))
-    path = run_dir(tmp_path) / "checkpoints" / "step-4" / damaged
-    path.write_bytes(b"\xff" * path.stat().st_size)
+    name, _, how = damaged.partition(":")
+    path = run_dir(tmp_path) / "checkpoints" / "step-4" / name
+    if how == "flipped":  # 16 bytes flipped inside the zip's pickle: the archive still opens
+        blob = bytearray(path.read_bytes())
+        start = blob.find(b"data.pkl") + 64
+        blob[start:start + 16] = bytes(b ^ 0xFF for b in blob[start:start + 16])
+        path.write_bytes(bytes(blob))
+    else:
+        path.write_bytes(b"\xff" * path.stat().st_size)
     capsys.readouterr()
     resumed = train(cfg_for(tmp_path, *COMMON, "train.max_steps=6", "run.resume=latest"))
     out = capsys.readouterr().out
     assert "warning" in out and "step-4" in out and "resumed from" in out and "step-2" in out, out
     straight = train(cfg_for(tmp_path / "straight", *COMMON, "train.max_steps=6"))
     assert_same_weights(resumed, straight)
+
+
+def test_resuming_an_older_checkpoint_sets_newer_ones_aside_and_never_prunes_the_new_one(registered, tmp_path,
+                                                                                        capsys):
+    """Resumed from step-2 while step-4 and step-6 exist (an explicit older run.resume, or a fallback): the newer
+    ones are another history; they are kept as .superseded-* and leave the listing, so pruning (limit 1) keeps the
+    checkpoint this run just saved and `latest` is this run's."""
+    train(cfg_for(tmp_path, *COMMON, "train.max_steps=6"))
+    ckpts = run_dir(tmp_path) / "checkpoints"
+    capsys.readouterr()
+    train(cfg_for(tmp_path, *COMMON, "train.max_steps=4", f"run.resume={ckpts / 'step-2'}",
+                  "train.checkpoints_total_limit=1"))
+    out = capsys.readouterr().out
+    assert "step-6 is newer than the checkpoint this run resumed from" in out, out
+    assert [p.name for p in ckpt.list_checkpoints(run_dir(tmp_path))] == ["step-4"]
+    assert (ckpts / ".superseded-step-4").is_dir() and (ckpts / ".superseded-step-6").is_dir()
+    assert ckpt.read_state(ckpts / "step-4")["global_step"] == 4
 
 
 def test_no_usable_checkpoint_is_one_clear_error(registered, tmp_path):

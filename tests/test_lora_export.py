@@ -88,6 +88,8 @@ def test_lora_with_alpha_rank_dropout_and_conv_targets_reloads_as_the_trained_un
     # activations while generating
     assert (meta["r"], meta["lora_alpha"], meta["lora_dropout"]) == (4, 16, 0.0)
     assert set(meta["target_modules"]) == {"to_q", "to_v", "to_out.0", "conv1", "conv2"}
+    # only what rebuilds the LoRA: fields another peft version lacks would make LoraConfig(**meta) fail there
+    assert "peft_version" not in meta and "base_model_name_or_path" not in meta and len(meta) <= 12
     unet = diffusers.UNet2DConditionModel.from_pretrained(base, subfolder="unet").eval()
     unet = inject_adapter_in_model(LoraConfig(**{k: v for k, v in meta.items() if k != "peft_type"}), unet)
     weights = {k.removeprefix("unet."): v for k, v in load_file(str(path)).items()}
@@ -112,7 +114,13 @@ def test_model_card_grid_and_hub_upload_of_a_lora_run(tmp_path, monkeypatch):
         "run.push_to_hub=true", "run.hub_model_id=me/tiny-dpo-lora", *LORA]))
     card = (run / "README.md").read_text()
     front = card.split("---")[1]
-    assert "base_model: assets/tiny/sd15" in front
+    # a local base folder is named in the body, not as base_model (the Hub refuses a card naming a local path)
+    assert "base_model" not in front and "| base model | `assets/tiny/sd15`" in card
+    from mmalign.t2i.export import _base_model_line
+
+    assert _base_model_line("stabilityai/stable-diffusion-xl-base-1.0") == [
+        'base_model: "stabilityai/stable-diffusion-xl-base-1.0"']
+    assert _base_model_line("not a hub id: #1") == []
     assert all(f"- {tag}" in front for tag in ("text-to-image", "diffusers", "lora", "mmalign", "dpo"))
     for fact in ("loss_type `sigmoid`", "β 5000", "rank 4, alpha 16 (scale 4), dropout 0.1 (training only)",
                  "`conv1`", "`assets/tiny/pairs`", "2 optimizer steps", "## Final metrics (step 2)",

@@ -71,11 +71,19 @@ def test_mapo_rankdpo_and_sft_map_to_the_core():
     assert loss.item() == pytest.approx(-_logps().policy[0].mean().item()) and "logps/chosen" in m
 
 
-def test_at_policy_equals_reference_every_dpo_type_starts_where_its_formula_says():
+@pytest.mark.parametrize("loss_type", ["sigmoid", "robust", "hinge", "ipo", "bco_pair", "sppo_hard", "nca_pair",
+                                       "apo_zero", "apo_down"])
+def test_at_policy_equals_reference_every_dpo_type_starts_where_its_formula_says(loss_type):
+    """d = dc = dr = 0: each type's per-pair value at zero, by hand (beta 5000 on errors is 2500 on -err)."""
     s = _errors()
     same = Surrogates(s.policy, s.policy.detach().clone(), "error")
-    loss, m = preference_loss("dpo", same, beta=5000.0)
-    assert loss.item() == pytest.approx(math.log(2), abs=1e-12) and m["rewards/accuracies"].item() == 0.5
+    loss, m = preference_loss("dpo", same, beta=5000.0, loss_type=loss_type)
+    b = 2500.0
+    want = {"sigmoid": math.log(2), "robust": math.log(2), "hinge": 1.0, "ipo": (1 / (2 * b)) ** 2,
+            "bco_pair": 2 * math.log(2), "sppo_hard": 2 * (1 / (2 * b)) ** 2, "nca_pair": 2 * math.log(2),
+            "apo_zero": 1.0, "apo_down": 1.0}[loss_type]
+    assert loss.item() == pytest.approx(want, rel=1e-12, abs=1e-15)
+    assert m["rewards/accuracies"].item() == 0.5
 
 
 @pytest.mark.parametrize("name, kind, loss_type, smoothing, match", [
@@ -99,8 +107,10 @@ def test_methods_that_need_a_reference_refuse_surrogates_without_one():
         if spec.needs_reference:
             with pytest.raises(ValueError, match="needs reference surrogates"):
                 preference_loss(name, no_ref, beta=1.0, scores=torch.zeros(6, 2))
-        else:
-            preference_loss(name, no_ref, beta=1.0)
+        else:  # mapo and sft need none: the same values as with a reference present
+            loss, _ = preference_loss(name, no_ref, beta=0.1)
+            with_ref, _ = preference_loss(name, s, beta=0.1)
+            assert loss.item() == with_ref.item()
 
 
 def test_config_level_refusals_name_the_key():

@@ -235,3 +235,45 @@ def test_over_long_prompts_are_skipped_and_counted_not_taken_for_non_finite_loss
     with pytest.raises(DataError, match="data.strict: sample .* max_prompt_length=10"):
         train(_config(toy_vlm, pairs, tmp_path / "strict", **{"model.max_prompt_length": 10,
                                                                "data.strict": "true"}))
+
+
+SKIP_SCRIPT = """
+import json, sys
+from mmalign.train.tasks import load_train_config
+from mmalign.train.trainer import train
+folder, shards, out = sys.argv[1:4]
+cfg = load_train_config(None, [], defaults={
+    "task": "vlm", "run": {"output_dir": out, "seed": 0}, "model": {"pretrained": folder, "max_prompt_length": 120},
+    "data": {"shards": shards, "shuffle_buffer": 0}, "optim": {"lr": 1e-3},
+    "train": {"max_steps": 2, "batch_size": 1, "progress": False}})
+res = train(cfg)
+import torch.distributed as dist
+json.dump({"skipped": res.skipped_batches, "nonfinite": res.nonfinite_steps,
+           "logged": res.metrics.get("skipped/prompt_too_long")}, open(f"{out}/rank{dist.get_rank()}.json", "w"))
+"""
+
+
+def test_a_micro_batch_skipped_on_one_process_is_dropped_on_all_without_hanging(toy_vlm, tmp_path):
+    """2 processes: rank 1 reads only over-long prompts, rank 0 none. Every micro-batch is dropped on both (their
+    forward passes are collective under DDP, so a process skipping alone would hang the other), counted once."""
+    import json
+
+    from PIL import Image
+    from dist_helpers import torchrun2
+
+    from mmalign.data import ShardSetWriter, vlm_pair_sample
+    from mmalign.toy.scenes import sample_scenes
+
+    shards = tmp_path / "pairs"
+    with ShardSetWriter(shards, "vlm_pair") as w:
+        for i, scene in enumerate(sample_scenes(8, seed=2)):
+            prompt = "describe the image" + (" in great detail" * 40 if i % 2 else "")
+            w.write(vlm_pair_sample(f"p-{i:04d}", [Image.fromarray(scene.render())], prompt=prompt,
+                                    chosen=scene.caption, rejected="a picture", provenance={"origin": "ai"}))
+    script = tmp_path / "skip.py"
+    script.write_text(SKIP_SCRIPT)
+    out = tmp_path / "run"
+    torchrun2(script, toy_vlm, shards, out, timeout=300)
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["skipped"] == {} and ranks[1]["skipped"] == {"prompt_too_long": 2}
+    assert all(r["nonfinite"] == 0 and r["logged"] == 2 for r in ranks)

@@ -144,7 +144,7 @@ def open_source(source: str | os.PathLike | list, *, schema: str | None = None, 
                 _check_schema(man, schema, str(root))
                 names = [s.name for s in man.shards]
                 for n in names:
-                    check_shard_file(root / n, source=str(root))
+                    check_shard_file(root / n, source=str(root), root=root)
                 return ShardSource(man.schema_name, [str(root / n) for n in names], names, man, root, str(root))
         elif text.endswith(".json"):
             check_url(text, allow_pipe=allow_pipe, allow_network=allow_network)

@@ -80,10 +80,11 @@ def safe_join(base: str | os.PathLike, rel: str, *, what: str = "path", source: 
     return Path(base) / check_relative(rel, what=what, source=source)
 
 
-def check_shard_file(path: str | os.PathLike, *, source: str) -> None:
+def check_shard_file(path: str | os.PathLike, *, source: str, root: str | os.PathLike | None = None) -> None:
     """Refuse a local shard that is a symbolic link or not a regular file (a FIFO, a device, a folder): a link
-    planted in a shard folder would make the reader open, and its errors quote, a file outside it. A missing
-    file passes: readers report it as an unreadable shard."""
+    planted in a shard folder would make the reader open, and its errors quote, a file outside it. With `root` (a
+    shard set's folder), the shard must also resolve inside it, so a linked sub-folder on the way is refused too.
+    A missing file passes: readers report it as an unreadable shard."""
     try:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:
@@ -91,6 +92,11 @@ def check_shard_file(path: str | os.PathLike, *, source: str) -> None:
     if stat.S_ISLNK(mode):
         raise UnsafeSourceError(f"{source}: shard {os.fspath(path)!r} is a symbolic link; shards are read only "
                                 "from regular files (copy the file instead of linking it)")
+    if root is not None:
+        real_root = os.path.realpath(root)
+        if os.path.commonpath([real_root, os.path.realpath(path)]) != real_root:
+            raise UnsafeSourceError(f"{source}: shard {os.fspath(path)!r} resolves outside the shard folder through "
+                                    "a symbolic link on its path; shards are read only from regular files inside it")
     if not stat.S_ISREG(mode):
         raise UnsafeSourceError(f"{source}: shard {os.fspath(path)!r} is not a regular file")
 

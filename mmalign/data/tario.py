@@ -300,8 +300,14 @@ def iter_samples(fileobj, shard: str, *, max_member_bytes: int | None = None) ->
     ends the shard; a member repeated within a key marks that sample `"__invalid__": reason`. A refused member
     (see `iter_members`) marks its sample `"__unsafe__": reason` or `"__too_large__": reason`; a refused member
     whose name has no key (`../x.jpg`, a link named `link`) is a record of its own, keyed by its name.
+
+    `max_member_bytes` also bounds a sample's members together: once they add up to more, the sample is marked
+    `"__too_large__"` and its data is dropped (the rest of its members are read one at a time and not kept), so
+    many members each under the limit cannot pile up in memory either.
     """
+    limit = MAX_MEMBER_BYTES if max_member_bytes is None else int(max_member_bytes)
     current: dict[str, Any] | None = None
+    current_bytes = 0
     last_key = ""
     try:
         for name, data in iter_members(fileobj, max_member_bytes=max_member_bytes, refused=True):
@@ -323,9 +329,19 @@ def iter_samples(fileobj, shard: str, *, max_member_bytes: int | None = None) ->
                 current = None
             if current is None:
                 current = {"__key__": key, "__shard__": shard}
+                current_bytes = 0
                 last_key = key
             if suffix in current:
                 current["__invalid__"] = f"member {name!r} appears twice"
+            current_bytes += len(data)
+            if "__too_large__" in current:
+                continue
+            if current_bytes > limit:
+                for k in [k for k in current if not k.startswith("__")]:
+                    del current[k]
+                current["__too_large__"] = (f"its members add up to more than {limit} bytes (max_member_bytes / "
+                                            "MMALIGN_MAX_MEMBER_BYTES); not kept")
+                continue
             current[suffix] = data
     except MemberReadError as err:
         # The members read so far are whole (a member whose data is cut raises before it is returned); if the

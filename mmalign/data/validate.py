@@ -20,7 +20,7 @@ from typing import Any
 from mmalign.data.cache import list_caches
 from mmalign.data.deps import require
 from mmalign.data.manifest import MANIFEST_NAME, ManifestError, load_manifest
-from mmalign.data.safety import UnsafeSourceError, safe_join
+from mmalign.data.safety import UnsafeSourceError, check_shard_file, safe_join
 from mmalign.data.schemas import IMAGE_FORMATS, SampleError, check_key, check_sample, load_npy
 from mmalign.data.tario import HashingReader, iter_samples
 
@@ -146,6 +146,7 @@ def validate_shards(root: str | os.PathLike, *, decode: bool = True, progress: b
         report.shards += 1
         try:
             path = safe_join(root, entry.name, what="shard name", source=str(root / MANIFEST_NAME))
+            check_shard_file(path, source=str(root), root=root)
             fh = open(path, "rb")
         except (OSError, UnsafeSourceError) as err:
             report.issues.append(Issue(entry.name, "", f"cannot open shard: {err}"))

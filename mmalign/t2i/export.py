@@ -71,13 +71,21 @@ def save_final_model(cfg: T2ITrainConfig, adapter: T2IAdapter, unet, ema, run_di
     return {"unet": str(run_dir / "unet")}
 
 
+LORA_METADATA_KEYS = ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "use_dora", "use_rslora",
+                      "bias", "init_lora_weights", "lora_dropout", "fan_in_fan_out", "lora_bias")
+
+
 def lora_metadata(module, adapter_name: str = "default") -> dict:
     """The peft `LoraConfig` of `module`'s adapter as the JSON-able dict diffusers stores with LoRA weights
     (`unet_lora_adapter_metadata`; diffusers' training scripts pass the same `peft_config[...].to_dict()`)."""
     config = getattr(module, "peft_config", {}).get(adapter_name)
     if config is None:
         raise TrainingError(f"the trained model has no LoRA adapter {adapter_name!r} to export")
-    meta = config.to_dict()
+    full = config.to_dict()
+    # Only what rebuilds the LoRA: diffusers passes the metadata to `LoraConfig(**metadata)`, so a field a
+    # consumer's peft lacks (peft adds new method fields in most releases) would make the file unloadable there, and
+    # base_model_name_or_path would carry a local path into a shared file.
+    meta = {k: full[k] for k in LORA_METADATA_KEYS if k in full}
     # Dropout is training-only, and the exported file is for inference: `load_lora_weights` (and peft's
     # `inject_adapter_in_model`) add the LoRA modules in training mode even into a model in eval mode, so a
     # stored dropout would drop activations at generation time. The trained value is in the model card.
@@ -86,13 +94,13 @@ def lora_metadata(module, adapter_name: str = "default") -> dict:
     return {k: sorted(v) if isinstance(v, set) else v for k, v in meta.items()}
 
 
-def build_pipeline(adapter: T2IAdapter, unet, pretrained: str):
+def build_pipeline(adapter: T2IAdapter, unet, pretrained: str, revision: str | None = None):
     """A diffusers pipeline around the (policy) UNet with the pipeline's own inference scheduler."""
     import diffusers
 
-    index = read_model_index(pretrained)
+    index = read_model_index(pretrained, revision)
     sched_cls = getattr(diffusers, index["scheduler"][1])
-    scheduler = sched_cls.from_pretrained(pretrained, subfolder="scheduler")
+    scheduler = sched_cls.from_pretrained(pretrained, subfolder="scheduler", revision=revision)
     c = adapter.c
     if index.get("_class_name") == "ToyT2IPipeline":
         from mmalign.toy.pipeline import ToyT2IPipeline
@@ -118,7 +126,7 @@ def run_validation(cfg: T2ITrainConfig, adapter: T2IAdapter, unet, run_dir: Path
     v = cfg.validation
     was_training = unet.training
     unet.eval()
-    pipe = build_pipeline(adapter, unet, cfg.model.pretrained)
+    pipe = build_pipeline(adapter, unet, cfg.model.pretrained, cfg.model.revision)
     pipe.set_progress_bar_config(disable=True)
     images, captions = [], []
     res = cfg.data.resolution
@@ -146,6 +154,22 @@ METHOD_TITLES = {"dpo": "Diffusion-DPO", "mapo": "MaPO", "rankdpo": "RankDPO", "
 
 def _metric_value(value) -> str:
     return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+def _base_model_line(pretrained: str) -> list[str]:
+    """The card's `base_model:` line: only a Hub id (the Hub refuses a commit whose card names a local folder as
+    base_model), quoted so YAML reads it as a string."""
+    import json
+
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if Path(pretrained).exists():
+        return []
+    try:
+        validate_repo_id(pretrained)
+    except HFValidationError:
+        return []
+    return [f"base_model: {json.dumps(pretrained)}"]
 
 
 def write_model_card(cfg: T2ITrainConfig, run_dir: Path, grid: str | None = None) -> Path:
@@ -195,7 +219,7 @@ def write_model_card(cfg: T2ITrainConfig, run_dir: Path, grid: str | None = None
                    else repr(str(run_dir / "unet")))
         use = (f"unet = UNet2DConditionModel.from_pretrained({unet_at})\n"
                f"pipe = {pipe_name}.from_pretrained({m.pretrained!r}, unet=unet)")
-    lines = ["---", f"base_model: {m.pretrained}", "library_name: diffusers", "pipeline_tag: text-to-image",
+    lines = ["---", *_base_model_line(m.pretrained), "library_name: diffusers", "pipeline_tag: text-to-image",
              "tags:", *[f"- {x}" for x in tags], "---", "",
              f"# {title} {'LoRA' if lora else 'fine-tune'} of {m.pretrained}", "",
              f"Trained with mmalign ({title}, `method.name: {meth.name}`); the resolved config is the run's "

@@ -181,6 +181,25 @@ def commit_checkpoint(run_dir: str | Path, step: int, tmp: Path, state: dict, to
     return final
 
 
+def set_aside_newer(run_dir: str | Path, step: int) -> list[Path]:
+    """A run resumed from `step-<step>` while newer checkpoints exist (an explicit older `run.resume`, or a fallback
+    past damaged ones) continues a different history: the newer ones are renamed out of the listing to
+    `.superseded-step-N` (kept for the user, never pruned), so `latest` and pruning see only this run's. Returns
+    their new paths. Main process."""
+    root = Path(run_dir) / "checkpoints"
+    moved = []
+    for path in root.iterdir() if root.is_dir() else []:
+        m = _STEP.match(path.name)
+        if m and not m.group(1) and int(m.group(2)) > step:
+            target = root / f".superseded-{path.name}"
+            n = 1
+            while target.exists():
+                target, n = root / f".superseded-{path.name}-{n}", n + 1
+            path.rename(target)
+            moved.append(target)
+    return moved
+
+
 def _tidy(root: Path, keep: Path) -> None:
     """What kills left behind (main process, after a save): `.trash-*` and other steps' `.tmp-step-*` folders are
     removed; a `.old-step-N` is renamed back to `step-N` when that is missing (a re-save killed between its two
@@ -224,9 +243,23 @@ def load_stateful(folder: str | Path, objects: list) -> None:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as err:
-            raise RefusedCheckpoint(f"{path}: refused, it holds more than tensors and plain containers "
-                                         f"(loaded with torch.load(weights_only=True)): {err}") from None
+            # weights_only refuses both a file that names other objects (a planted pickle: never a reason to fall
+            # back to an older checkpoint) and plain damage (flipped bytes): tell them apart by the globals it names.
+            if _unsafe_globals(path):
+                raise RefusedCheckpoint(f"{path}: refused, it holds more than tensors and plain containers "
+                                        f"(loaded with torch.load(weights_only=True)): {err}") from None
+            raise ValueError(f"{path}: damaged, it does not load ({err})") from None
         obj.load_state_dict(state)
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    """The non-allowlisted globals a torch checkpoint names (without unpickling it); [] for a damaged file."""
+    import torch
+
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # unreadable: damage, not a payload
+        return []
 
 
 def load_training_checkpoint(accelerator, checkpoint: str | Path, stateful: list) -> tuple[dict, str | None]:

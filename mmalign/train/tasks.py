@@ -143,6 +143,14 @@ class Task:
     def check_inputs(self) -> None:
         """Fail fast on bad input that needs no model (data counts from the manifest, caches, paths)."""
 
+    def skip_reason(self, batch: dict) -> tuple[str, str] | None:
+        """A micro-batch this task cannot use, found before any model runs: `(reason, message)` (reason a short
+        metric-safe name, counted as `skipped/<reason>`), else None. The loop asks every process and drops the
+        micro-batch on all of them when any says so. Under DDP a skip must be settled here, not by raising
+        `SkipBatch` from `compute_loss` on one process: the other processes' forward (which broadcasts buffers)
+        would wait for it."""
+        return None
+
     def check_sharded(self) -> None:
         """Called before `build` when the weights will be sharded (FSDP, DeepSpeed ZeRO-3): raise
         `TrainingError` for settings that cannot run sharded, naming the setting and what to use instead."""

@@ -176,6 +176,7 @@ def train(cfg: BaseTrainConfig) -> TrainResult:
     unwrapped = accelerator.unwrap_model(module)
 
     state = TrainState()
+    checks_batches = type(task).skip_reason is not Task.skip_reason
     resume_from = None
     samples_per_micro_step = cfg.train.batch_size * accelerator.num_processes
     # The newest complete checkpoint that loads on every process; incomplete ones are skipped and damaged ones
@@ -216,6 +217,14 @@ def train(cfg: BaseTrainConfig) -> TrainResult:
             print(f"warning: {rng_problem}: the random number generators were not restored, so this resume is not "
                   "bit-exact with an uninterrupted run", flush=True)
         accelerator.print(f"resumed from {resume_from} at step {state.global_step}")
+        if accelerator.is_main_process:
+            for moved in ckpt.set_aside_newer(run_dir, state.global_step):
+                print(f"warning: {moved.name.removeprefix('.superseded-')} is newer than the checkpoint this run "
+                      f"resumed from: kept as {moved} and no longer listed (latest and pruning follow this run)",
+                      flush=True)
+        accelerator.wait_for_everyone()
+        if not accelerator.is_main_process:  # the checkpoint holds every process's skip counts, summed
+            state.skipped_batches = {}
         saved = state.samples_per_micro_step
         if saved is not None and saved != samples_per_micro_step:
             consumed = state.micro_step * saved
@@ -253,12 +262,25 @@ def train(cfg: BaseTrainConfig) -> TrainResult:
         micro_in_step += 1
         with accelerator.accumulate(module):
             skip = None
-            with accelerator.autocast():
-                try:
-                    loss, metrics = compute_loss(cfg, built.model, module, unwrapped, batch, gen)
-                except SkipBatch as err:
-                    skip, loss, metrics = err, None, {}
+            if checks_batches:
+                # Settled on every process before any forward: DDP's forward is itself collective (it broadcasts
+                # buffers), so a process that skipped it alone would leave the others waiting.
+                reason = task.skip_reason(batch)
+                skip = None if reason is None else SkipBatch(*reason)
+                skipped_here = torch.tensor(float(skip is not None), device=device)
+                if skip is None and accelerator.reduce(skipped_here, reduction="sum").item() > 0:
+                    skip = _SKIPPED_ELSEWHERE
+                elif skip is not None:
+                    accelerator.reduce(skipped_here, reduction="sum")
             if skip is not None:
+                loss, metrics = None, {}
+            else:
+                with accelerator.autocast():
+                    try:
+                        loss, metrics = compute_loss(cfg, built.model, module, unwrapped, batch, gen)
+                    except SkipBatch as err:  # raised before the model ran (see Task.skip_reason)
+                        skip, loss, metrics = err, None, {}
+            if skip is not None and skip is not _SKIPPED_ELSEWHERE:
                 state.skipped_batches[skip.reason] = state.skipped_batches.get(skip.reason, 0) + 1
                 accelerator.print(f"skipping a micro-batch at step {state.global_step} ({skip.reason}): {skip}")
             # [finite loss, skipped] summed over processes: a micro-batch is dropped everywhere if any process
@@ -346,6 +368,9 @@ def train(cfg: BaseTrainConfig) -> TrainResult:
                        state.nonfinite_steps, unwrapped, keys_seen, dict(state.skipped_batches))
 
 
+_SKIPPED_ELSEWHERE = SkipBatch("elsewhere", "another process skipped this micro-batch")
+
+
 def skipped_batch_counts(state: TrainState, accelerator) -> dict[str, int]:
     """Micro-batches skipped so far by reason, summed over processes (every process calls this)."""
     counts = dict(state.skipped_batches)
@@ -402,8 +427,10 @@ def save_training_checkpoint(cfg: BaseTrainConfig, accelerator, run_dir: Path, s
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     accelerator.wait_for_everyone()
+    # the skip counts of every process, summed (a resumed run gives them back to the main process)
+    saved_state = {**state.__dict__, "skipped_batches": skipped_batch_counts(state, accelerator)}
     if accelerator.is_main_process:
-        ckpt.commit_checkpoint(run_dir, state.global_step, tmp, state.__dict__.copy(),
-                               cfg.train.checkpoints_total_limit, stateful)
+        ckpt.commit_checkpoint(run_dir, state.global_step, tmp, saved_state, cfg.train.checkpoints_total_limit,
+                               stateful)
     accelerator.wait_for_everyone()
 

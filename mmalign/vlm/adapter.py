@@ -153,6 +153,18 @@ class VLMAdapter:
             return [n] * n_images
         return None
 
+    def prompt_too_long(self, prompts: Sequence, images: Sequence[Sequence[Any]],
+                        keys: Sequence[str]) -> str | None:
+        """The `PromptTooLongError` message for the first prompt over `max_prompt_length` (images included), or
+        None; processes the prompts without running the model (None at once when there is no limit)."""
+        if self.max_prompt_length is None:
+            return None
+        try:
+            self._process_prompts(prompts, images, keys)
+        except PromptTooLongError as err:
+            return str(err)
+        return None
+
     def _process_prompts(self, prompts: Sequence, images: Sequence[Sequence[Any]], keys: Sequence[str]):
         """Per sample: prompt token rows (no padding) and the per-image processor outputs."""
         turns = [normalize_turns(p, len(ims), k) for p, ims, k in zip(prompts, images, keys)]
@@ -269,6 +281,9 @@ class VLMAdapter:
         if self.reference == "copy":
             if self.ref_model is None:
                 raise ValueError("reference='copy' but no ref_model; call make_reference_copy()")
+            # the policy's mode (as the lora reference, which is the policy itself): equal at step 0 even with
+            # dropout in the model
+            self.ref_model.train(self.model.training)
             return self.logps(self.ref_model, inputs)
         raise ValueError(f"reference={self.reference!r} computes no reference log-probs here ('precomputed' reads "
                          "them from the shards' cache; 'none' has none)")

@@ -197,10 +197,7 @@ class VLMTrainConfig(BaseTrainConfig):
 
     @model_validator(mode="after")
     def _check(self) -> "VLMTrainConfig":
-        if self.model.reference == "lora" and self.model.lora is None:
-            raise ValueError("model.reference 'lora' needs model.lora; use 'copy' or 'precomputed' for full "
-                             "fine-tunes")
-        self.reference_mode()
+        self.reference_mode()  # a reference the method or the model cannot use fails here
         if self.model.reference == "precomputed" and self.method.online_weight > 0:
             raise ValueError("method.online_weight > 0 scores answers generated during training; it needs a live "
                              "reference (model.reference lora or copy)")
@@ -255,10 +252,25 @@ class VLMTask(Task):
         yield from endless_batches(dataset, collate_vlm_pairs, self.cfg.train.batch_size, skip=skip,
                                    num_workers=d.num_workers, what=f"data.shards {d.shards}")
 
+    def skip_reason(self, batch: dict) -> tuple[str, str] | None:
+        """A micro-batch with a prompt over `model.max_prompt_length` (with its clean or, with rejected images,
+        its rejected images) is skipped on every process and counted (`skipped/prompt_too_long`); strict: an
+        error."""
+        a = self.adapter
+        problem = a.prompt_too_long(batch["prompts"], batch["images"], batch["keys"])
+        if problem is None and self.cfg.method.rejected_images and "rejected_images" in batch:
+            problem = a.prompt_too_long(batch["prompts"], batch["rejected_images"], batch["keys"])
+        if problem is None:
+            return None
+        if self.cfg.data.strict:  # one clear error (the CLI prints it and exits 2), not a traceback
+            raise DataError(f"data.strict: {problem}")
+        return "prompt_too_long", problem
+
     @staticmethod
     def compute_loss(cfg, model, module, unwrapped, batch: dict, generator) -> tuple[torch.Tensor, dict]:
-        """`model` is the `VLMAdapter`; `module` the (possibly wrapped) policy to run forward through. A
-        micro-batch with an over-long prompt is skipped and counted (`skipped/prompt_too_long`); strict: an error."""
+        """`model` is the `VLMAdapter`; `module` the (possibly wrapped) policy to run forward through. Over-long
+        prompts are found before this by `skip_reason`; one met here (a caller without the loop) raises
+        `SkipBatch` before any forward, or in strict mode an error."""
         try:
             return vlm_preference_loss(model, batch, cfg.method, policy=module, generator=generator)
         except PromptTooLongError as err:
@@ -285,8 +297,10 @@ class VLMTask(Task):
         if self.cfg.model.reference != "precomputed":
             raise ValueError("--cache-only builds the reference log-prob cache; set model.reference=precomputed")
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        # The reference is the loaded weights themselves (before any LoRA): score with them, no second copy.
+        # The reference is the loaded weights themselves (before any LoRA): score with them, no second copy. Every
+        # pair is scored, over-long prompts too (training skips them; max_prompt_length is not in the cache key).
         self.adapter = self._load(device, "none", lora=False)
+        self.adapter.max_prompt_length = None
         self.adapter.ref_model, self.adapter.reference = self.adapter.model.eval(), "copy"
         return precompute_reference_logps(self.adapter, self.cfg.data.shards,
                                           batch_size=self.cfg.train.batch_size,
