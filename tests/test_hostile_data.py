@@ -60,6 +60,16 @@ def keys(ds) -> list[str]:
     return [s["__key__"] for s in ds]
 
 
+def with_peak(fn):
+    """(fn(), peak bytes Python allocated while it ran)."""
+    tracemalloc.start()
+    try:
+        result = fn()
+        return result, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 def reader(source, **kwargs) -> PairDataset:
     return PairDataset(source, decode_images=False, ties="keep", **kwargs)
 
@@ -80,13 +90,8 @@ def test_a_member_declaring_gigabytes_is_not_allocated(tmp_path, caplog):
     shard = tmp_path / "big.tar"
     shard.write_bytes(data)
     ds = reader([str(shard)])
-    tracemalloc.start()
-    try:
-        with caplog.at_level(logging.WARNING, logger="mmalign.data"):
-            got = keys(ds)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    with caplog.at_level(logging.WARNING, logger="mmalign.data"):
+        got, peak = with_peak(lambda: keys(ds))
     assert got == ["k-0"]
     assert peak < 64 << 20, f"peak {peak / 2**20:.0f} MiB"
     assert ds.stats.skipped == 1 and dict(ds.stats.reasons) == {"unreadable": 1}
@@ -94,12 +99,7 @@ def test_a_member_declaring_gigabytes_is_not_allocated(tmp_path, caplog):
 
     root = write_pairs(tmp_path / "set", 1)
     install_shard(root, data, 2)
-    tracemalloc.start()
-    try:
-        report = validate_shards(root, decode=False)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    report, peak = with_peak(lambda: validate_shards(root, decode=False))
     assert peak < 64 << 20, f"validate peak {peak / 2**20:.0f} MiB"
     assert any("max_member_bytes" in i.reason and i.key == "k-1" for i in report.issues)
 
@@ -115,12 +115,7 @@ def test_many_members_each_under_the_limit_cannot_pile_up_in_one_sample(tmp_path
     shard = tmp_path / "many.tar.gz"
     shard.write_bytes(data)
     ds = reader([str(shard)], max_member_bytes=2 << 20)
-    tracemalloc.start()
-    try:
-        got = keys(ds)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    got, peak = with_peak(lambda: keys(ds))
     assert got == ["k-0", "k-2"]
     assert dict(ds.stats.reasons) == {"too_large": 1}
     assert peak < 12 << 20, f"peak {peak / 2**20:.1f} MiB: the sample's members piled up"
@@ -145,12 +140,7 @@ def test_an_oversized_gzip_member_is_skipped_counted_and_reported(tmp_path, monk
     shard.write_bytes(data)
 
     ds = reader([str(shard)], max_member_bytes=1 << 20)
-    tracemalloc.start()
-    try:
-        got = keys(ds)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    got, peak = with_peak(lambda: keys(ds))
     assert got == ["k-0", "k-2"]
     assert ds.stats.skipped == 1 and dict(ds.stats.reasons) == {"too_large": 1}
     assert peak < 8 << 20, f"peak {peak / 2**20:.0f} MiB: the 16 MiB member was held in memory"
