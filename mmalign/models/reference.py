@@ -19,6 +19,8 @@ from typing import Iterator, Literal
 
 import torch
 
+from mmalign.models.loading import move_module
+
 REFERENCES = ("lora", "copy", "precomputed", "none")
 ReferenceMode = Literal["lora", "copy", "precomputed", "none"]
 ReferenceChoice = Literal["auto", "lora", "copy", "precomputed", "none"]
@@ -47,10 +49,7 @@ def resolve_reference(requested: str, *, lora: bool, needs_reference: bool,
 
 def frozen_copy(module: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:
     """A deep copy of `module` with gradients off, in eval mode, optionally cast to `dtype`."""
-    ref = copy.deepcopy(module).requires_grad_(False).eval()
-    if dtype is not None and getattr(ref, "dtype", None) != dtype:
-        ref.to(dtype=dtype)
-    return ref
+    return move_module(copy.deepcopy(module).requires_grad_(False).eval(), dtype=dtype)
 
 
 @contextlib.contextmanager

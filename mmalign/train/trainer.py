@@ -18,6 +18,7 @@ from __future__ import annotations
 import inspect
 import shutil
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from torch import Tensor
 from mmalign.config import write_resolved_config
 from mmalign.train import checkpoint as ckpt
 from mmalign.train.config import BaseTrainConfig
+from mmalign.train.distributed import gather_objects
 from mmalign.train.metrics import MetricsLogger
 from mmalign.train.tasks import SkipBatch, Task, get_task, task_for
 
@@ -267,11 +269,9 @@ def train(cfg: BaseTrainConfig) -> TrainResult:
                 # buffers), so a process that skipped it alone would leave the others waiting.
                 reason = task.skip_reason(batch)
                 skip = None if reason is None else SkipBatch(*reason)
-                skipped_here = torch.tensor(float(skip is not None), device=device)
-                if skip is None and accelerator.reduce(skipped_here, reduction="sum").item() > 0:
+                skipped = accelerator.reduce(torch.tensor(float(skip is not None), device=device), reduction="sum")
+                if skip is None and skipped.item() > 0:
                     skip = _SKIPPED_ELSEWHERE
-                elif skip is not None:
-                    accelerator.reduce(skipped_here, reduction="sum")
             if skip is not None:
                 loss, metrics = None, {}
             else:
@@ -373,16 +373,11 @@ _SKIPPED_ELSEWHERE = SkipBatch("elsewhere", "another process skipped this micro-
 
 def skipped_batch_counts(state: TrainState, accelerator) -> dict[str, int]:
     """Micro-batches skipped so far by reason, summed over processes (every process calls this)."""
-    counts = dict(state.skipped_batches)
-    if accelerator.num_processes > 1:
-        import torch.distributed as dist
-
-        parts: list = [None] * accelerator.num_processes
-        dist.all_gather_object(parts, counts)
-        counts = {}
-        for part in parts:
-            for reason, n in part.items():
-                counts[reason] = counts.get(reason, 0) + n
+    if accelerator.num_processes == 1:
+        return dict(sorted(state.skipped_batches.items()))
+    counts: Counter = Counter()
+    for part in gather_objects([state.skipped_batches]):
+        counts.update(part)
     return dict(sorted(counts.items()))
 
 
