@@ -24,6 +24,11 @@ def test_the_loss_core_contract_names_every_other_module():
     assert forbidden == _top_level() - {"mmalign.losses"}
 
 
+def test_the_sampler_maths_contract_names_every_other_module():
+    forbidden = set(_contracts()["The sampler maths imports nothing else of mmalign"]["forbidden_modules"])
+    assert forbidden == _top_level() - {"mmalign.samplers"}
+
+
 def test_every_modality_with_an_adapter_is_in_the_independence_contract():
     modalities = {f"mmalign.{p.parent.name}" for p in (ROOT / "mmalign").glob("*/adapter.py")}
     assert modalities >= {"mmalign.t2i", "mmalign.vlm"}

@@ -141,6 +141,7 @@ class Scorer(nn.Module):
     name: str = "scorer"
     dims: tuple[str, ...] | None = None
     modality: str = "image"  # what `score` takes: "image" or "video"
+    differentiable: bool = False  # score is differentiable in a float image tensor (gradient guidance can use it)
 
     def __init__(self) -> None:
         super().__init__()

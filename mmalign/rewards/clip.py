@@ -37,6 +37,8 @@ class CLIPScorer(Scorer):
     transformers without mmalign.
     """
 
+    differentiable = True  # the float-tensor path (resize, crop, normalise, towers) is differentiable
+
     def __init__(self, model, tokenizer, preprocess: ImagePreprocess,
                  scale: Literal["clip_score", "logit_scale", "cosine"], name: str, version: str = "unversioned",
                  max_length: int | None = None):

@@ -40,6 +40,7 @@ class AestheticMLP(nn.Module):
 
 class AestheticScorer(Scorer):
     name = "aesthetic"
+    differentiable = True
 
     def __init__(self, vision, mlp: AestheticMLP, preprocess: ImagePreprocess, version: str = "unversioned"):
         super().__init__()

@@ -68,7 +68,12 @@ SCORERS: dict[str, Callable[[str | None], Scorer]] = {
     "clip_score": _clip_score, "pickscore": _pickscore, "hps": _hps, "aesthetic": _aesthetic, "video": _video,
     "toy": _toy("all"), "toy_color": _toy("color"), "toy_color_soft": _toy("color_soft"),
     "toy_shape": _toy("shape"), "toy_position": _toy("position"), "toy_total": _toy("total"),
+    "toy_brightness": _toy("brightness"),
 }
+# Scorers whose score is differentiable in the image tensor (CLIP towers on the tensor path, the soft toy rewards):
+# what gradient guidance can use. Known by name, so a wrong choice is refused before any weights load.
+DIFFERENTIABLE = frozenset({"clip_score", "pickscore", "hps", "aesthetic", "toy_color_soft", "toy_brightness"})
+_DIFFERENTIABLE_KINDS = {"clip": True, "hps": True, "aesthetic": True, "video": False, "latent": True}
 _FUNCTION = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
 
@@ -98,7 +103,50 @@ def _from_folder(folder: str) -> Scorer:
         return scorer
     if kind in ("aesthetic", "video"):
         return SCORERS[kind](folder)
+    if kind == "latent":
+        raise ScorerError(f"{folder}: a noisy-latent reward model scores latents x_t at a noise level, not images; "
+                          "use it for guidance (`mmalign guide`, rewards: latent=FOLDER) or load it with "
+                          "mmalign.rewards.latent.LatentRewardModel.from_pretrained")
     raise ScorerError(f"{folder}: unknown scorer kind {kind!r} in mmalign_scorer.json")
+
+
+def scorer_kind(spec: str) -> str:
+    """What a spec names, read without loading weights: "latent" for a noisy-latent reward model folder
+    (`mmalign.rewards.latent`, used by guidance on noisy latents), else "image" (or "video" for video scorers)."""
+    from mmalign.rewards.clip import read_scorer_card
+
+    name, eq, source = spec.strip().partition("=")
+    folder = source if eq else spec.strip()
+    if (eq and name == "latent") or (os.path.isdir(folder) and (read_scorer_card(folder) or {}).get("kind") == "latent"):
+        return "latent"
+    if name == "video" or (os.path.isdir(folder) and (read_scorer_card(folder) or {}).get("kind") == "video"):
+        return "video"
+    return "image"
+
+
+def is_differentiable(spec: str) -> bool:
+    """Whether the scorer a spec names is differentiable in its input, decided without loading weights (a user
+    function is imported and says so with `fn.differentiable = True`). Unknown specs raise ScorerError."""
+    from mmalign.rewards.clip import read_scorer_card
+
+    spec = spec.strip()
+    name, eq, source = spec.partition("=")
+    if eq and name == "latent":
+        return True
+    folder = source if eq else spec
+    if os.path.isdir(folder):
+        card = read_scorer_card(folder)
+        if card is not None:
+            return _DIFFERENTIABLE_KINDS.get(card.get("kind"), False)
+    if not eq and _FUNCTION.match(spec):
+        from mmalign.rewards.toy import load_function
+
+        return load_function(spec).differentiable
+    if name in SCORERS:
+        return name in DIFFERENTIABLE
+    raise ScorerError(f"unknown scorer {spec!r}: use one of {sorted(SCORERS)} (optionally NAME=SOURCE), an "
+                      "exported reward-model folder, latent=FOLDER (a noisy-latent reward model), or "
+                      "package.module:function")
 
 
 def _card_path(folder: str) -> str:

@@ -4,6 +4,7 @@
 |---|---|
 | `toy_color`, `toy_shape`, `toy_position`, `toy_total` | the exact NumPy rewards on uint8 images (float tensors are quantised) |
 | `toy_color_soft` | `color_adherence_torch`: differentiable, for guidance |
+| `toy_brightness` | mean luma `0.299 R + 0.587 G + 0.114 B` of the image in [0, 1]: differentiable, a second reward that pulls against colour adherence (brighter backgrounds become foreground) |
 | `toy` | (N, 4) with dims color, shape, position, total |
 """
 
@@ -45,7 +46,7 @@ class ToyScorer(Scorer):
 
     def __init__(self, component: str):
         super().__init__()
-        valid = (*self.COMPONENTS, "color_soft", "all")
+        valid = (*self.COMPONENTS, "color_soft", "brightness", "all")
         if component not in valid:
             raise ScorerError(f"toy reward must be one of {valid}, got {component!r}")
         from mmalign.toy import rewards as r
@@ -54,13 +55,18 @@ class ToyScorer(Scorer):
         self.name = "toy" if component == "all" else f"toy_{component}"
         self.dims = self.COMPONENTS if component == "all" else None
         self.version = _source_version("toy", r)
+        self.differentiable = component in ("color_soft", "brightness")
 
     def _score(self, kind, images, prompts):
         from mmalign.toy import rewards as r
 
-        if self.component == "color_soft":
+        if self.component in ("color_soft", "brightness"):
             x = images if kind == "tensor" else torch.from_numpy(_uint8(kind, images)).permute(0, 3, 1, 2) / 255.0
-            return r.color_adherence_torch(x.to(self.device, torch.float32), prompts)
+            x = x.to(self.device, torch.float32)
+            if self.component == "brightness":
+                luma = torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)
+                return (x * luma).sum(1).mean((1, 2))
+            return r.color_adherence_torch(x, prompts)
         arr = _uint8(kind, images)
         if self.component == "all":
             parts = r.reward_components(arr, prompts)
@@ -76,7 +82,8 @@ class FunctionScorer(Scorer):
     """A user function `fn(images, prompts) -> (N,) or (N, D)` (tensor, array or list) as a scorer.
 
     `images` reach the function as given to `score` after the common checks: a list of RGB PIL images, or the
-    float (N, 3, H, W) tensor in [0, 1]. Set `fn.dims = ("a", "b")` for a multi-dimension reward.
+    float (N, 3, H, W) tensor in [0, 1]. Set `fn.dims = ("a", "b")` for a multi-dimension reward, and
+    `fn.differentiable = True` when its output is differentiable in the tensor (gradient guidance may use it).
     """
 
     def __init__(self, fn: Callable, name: str):
@@ -86,6 +93,7 @@ class FunctionScorer(Scorer):
         dims = getattr(fn, "dims", None)
         self.dims = tuple(dims) if dims else None
         self.version = _source_version("fn", fn)
+        self.differentiable = bool(getattr(fn, "differentiable", False))
 
     def _score(self, kind, images, prompts):
         out = self.fn(images, prompts)

@@ -1,0 +1,1 @@
+"""Flow-matching (rectified-flow) image and video models: SD3-, Wan-, LTX-class. So far: tiny test pipelines."""

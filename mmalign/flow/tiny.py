@@ -1,0 +1,54 @@
+"""Tiny rectified-flow pipelines built from configs (tests, CPU benchmarks); nothing downloads.
+
+`build_tiny_sd3` saves a `StableDiffusion3Pipeline` folder with the real diffusers / transformers classes at tiny
+widths: an `SD3Transformer2DModel`, a `FlowMatchEulerDiscreteScheduler` (shift 3, as SD3), an `AutoencoderKL` with
+SD3's scaling and shift factors, and two CLIP text encoders with projection over the toy-word tokenizer; the T5
+encoder is left out (`text_encoder_3: None`, which the SD3 pipeline supports by feeding zeros in its place). It
+loads back with `DiffusionPipeline.from_pretrained`, the code a real SD3 checkpoint uses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from mmalign.models.tiny import word_clip_tokenizer
+
+
+def build_tiny_sd3(out_dir: str | os.PathLike, seed: int = 0, width: int = 16) -> Path:
+    """Save a randomly initialised tiny SD3-style pipeline (32 px images, 16x16 latents) and return its path."""
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    tokenizer = word_clip_tokenizer()
+
+    def clip():
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+            num_attention_heads=2, max_position_embeddings=tokenizer.model_max_length, bos_token_id=0,
+            eos_token_id=1, pad_token_id=1, projection_dim=width))
+
+    transformer = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                                        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=2 * width,
+                                        caption_projection_dim=16, pooled_projection_dim=2 * width, pos_embed_max_size=16)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        layers_per_block=1, norm_num_groups=8, sample_size=32, scaling_factor=1.5305,
+                        shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                    vae=vae, text_encoder=clip(), tokenizer=tokenizer, text_encoder_2=clip(),
+                                    tokenizer_2=word_clip_tokenizer(), text_encoder_3=None, tokenizer_3=None)
+    out_dir = Path(out_dir)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    # save_pretrained drops None components; a null entry is how a model_index says "this one is absent", so
+    # from_pretrained builds the pipeline without T5 instead of refusing the folder.
+    index_path = out_dir / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index.update(text_encoder_3=[None, None], tokenizer_3=[None, None])
+    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return out_dir
