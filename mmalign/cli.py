@@ -24,8 +24,8 @@ class Subcommand:
 SUBCOMMANDS: tuple[Subcommand, ...] = (
     Subcommand("train", "train a model with a preference recipe (CONFIG + key=value overrides)", "mmalign.train.cli"),
     Subcommand("score", "score shards with reward models", "mmalign.rewards.cli"),
-    Subcommand("guide", "sample with inference-time reward guidance", None,
-               "inference-time reward guidance (mmalign.guidance)"),
+    Subcommand("guide", "sample with inference-time reward guidance or best-of-N (CONFIG + key=value overrides)",
+               "mmalign.guidance.cli"),
     Subcommand("selfgen", "generate preference data with the model itself (STIC, BDHS, ranked sets)",
                "mmalign.selfgen.cli"),
     Subcommand("shards", "convert, validate and inspect webdataset shards", "mmalign.data.cli"),

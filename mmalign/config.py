@@ -138,7 +138,8 @@ def _format_errors(err: ValidationError, source: str, touched: set[str]) -> str:
             got = repr(item.get("input"))
             if len(got) > _MAX_GOT:
                 got = got[:_MAX_GOT - 3] + "..."
-            lines.append(f"{where}: key {key!r}: {item['msg']} (got {got})")
+            msg = item["msg"].removeprefix("Value error, ")
+            lines.append(f"{where}: key {key!r}: {msg} (got {got})")
     return "\n".join(lines)
 
 
