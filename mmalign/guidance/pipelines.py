@@ -64,14 +64,14 @@ def load_pipeline(pretrained: str, *, revision: str | None = None, variant: str 
         if name == "ToyT2IPipeline":
             from mmalign.toy.pipeline import ToyT2IPipeline
 
-            pipe = ToyT2IPipeline.from_pretrained(pretrained, revision=revision, torch_dtype=dtype)
+            pipe = ToyT2IPipeline.from_pretrained(pretrained, revision=revision, dtype=dtype)
         else:
             from diffusers import DiffusionPipeline
 
             # A [null, null] entry marks a component left out (an SD3 folder without T5): passed as None.
             absent = {k: None for k, v in index.items() if isinstance(v, list) and v == [None, None]}
             pipe = DiffusionPipeline.from_pretrained(pretrained, revision=revision, variant=variant,
-                                                     torch_dtype=dtype, **absent)
+                                                     dtype=dtype, **absent)
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"{pretrained}: could not load the pipeline: {err}") from err
     if lora:
