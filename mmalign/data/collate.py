@@ -95,7 +95,8 @@ def collate_pairs(samples: list[dict[str, Any]], pixels: PixelFormat = "float") 
     "label": (B,) float (1.0 = row i preferred to row B+i; 0.5 = a tie, only with PairDataset(ties="keep"),
     where rows keep the stored order),
     "winner_index": (B,) long (which stored image is in the winner row: reorder per-image caches with
-    `winners_losers`), "provenance", "keys", "shards", "skipped", "skip_reasons", "cursor"}`.
+    `winners_losers`), "provenance", "keys", "shards", "skipped", "skip_reasons", "cursor"}`, and "extra" (B dicts)
+    when the dataset copies `extra_fields`.
     Without transforms, `"images"` (stored order, PIL) replaces the pixel entries.
 
     `pixels="uint8"` (`functools.partial(collate_pairs, pixels="uint8")`) gives `"pixels"`: (2B,H,W,3) uint8 in
@@ -108,6 +109,8 @@ def collate_pairs(samples: list[dict[str, Any]], pixels: PixelFormat = "float") 
     batch["label"] = torch.tensor([s["label"] for s in samples], dtype=torch.float32)
     batch["winner_index"] = torch.tensor([s["winner_index"] for s in samples], dtype=torch.long)
     batch["provenance"] = [s["provenance"] for s in samples]
+    if "extra" in samples[0]:
+        batch["extra"] = [s["extra"] for s in samples]
     if "pixels" in samples[0]:
         name, value = _pixel_batch([s["pixels"][0] for s in samples] + [s["pixels"][1] for s in samples], pixels)
         batch[name] = value

@@ -495,17 +495,21 @@ class PairDataset(ShardDataset):
 
     ties: "drop" (default) skips samples with label_0 == 0.5; "keep" yields them with label 0.5 for tie-aware
     losses. decode_images=False yields no images at all (training from cached latents).
+    extra_fields: names of JSON fields beyond the schema (written by `pair_sample(..., **extra)`, e.g.
+    `dim_labels`) copied as they are into the sample's `"extra"` dict, None where a sample lacks one.
     """
 
     schema = "pair"
 
     def __init__(self, source, *, transforms: ImageTransforms | dict | None = None,
-                 ties: Literal["drop", "keep"] = "drop", decode_images: bool = True, **kwargs: Any):
+                 ties: Literal["drop", "keep"] = "drop", decode_images: bool = True,
+                 extra_fields: tuple[str, ...] = (), **kwargs: Any):
         super().__init__(source, **kwargs)
         if ties not in ("drop", "keep"):
             raise ValueError(f"ties must be 'drop' or 'keep', got {ties!r}")
         self.transforms = _transforms(transforms, decode_images)
         self.ties, self.decode_images = ties, decode_images
+        self.extra_fields = tuple(extra_fields)
 
     def _dropped_per_shard(self) -> list[int]:
         if self.ties == "keep":
@@ -518,6 +522,8 @@ class PairDataset(ShardDataset):
         winner = 1 if meta.label_0 == 0.0 else 0
         out = {"caption": meta.caption, "label_0": meta.label_0, "label": 0.5 if meta.label_0 == 0.5 else 1.0,
                "winner_index": winner, "provenance": _provenance(meta)}
+        if self.extra_fields:
+            out["extra"] = {name: (meta.model_extra or {}).get(name) for name in self.extra_fields}
         if not self.decode_images:
             return out
         if self.transforms is None:

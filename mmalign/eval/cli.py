@@ -13,6 +13,8 @@ EVAL_COMMANDS: dict[str, tuple[str, str]] = {
                "reward models vs labelled shards: pairwise accuracy, accuracy with ties, inversion score"),
     "reward-toy": ("mmalign.eval.reward_toy",
                    "toy proof: RankDPO on data ranked by a learned reward model vs by the ground truth"),
+    "guide-toy": ("mmalign.eval.guide_toy",
+                  "toy proof of reward guidance: colour and noisy-latent rewards, scale sweep, best-of-N vs compute"),
     "vlm-toy": ("mmalign.vlm.proof", "toy proof of VLM DPO on STIC / BDHS pairs vs SFT-only, over seeds"),
 }
 

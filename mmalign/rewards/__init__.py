@@ -19,6 +19,7 @@ _EXPORTS = {
     "AestheticScorer": "laion_aesthetic", "aesthetic": "laion_aesthetic", "ToyScorer": "toy", "FunctionScorer": "toy",
     "SCORERS": "registry", "load_scorer": "registry",
     "VideoRewardModel": "video", "VideoRewardConfig": "video", "VideoScorer": "video",
+    "LatentRewardModel": "latent", "build_latent_reward": "latent",
     "score_shards": "scoring", "read_scores": "scoring",
     "pairwise_accuracy": "metrics", "accuracy_with_ties": "metrics", "inversion_score": "metrics",
     "evaluate_reward": "evaluate",

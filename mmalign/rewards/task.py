@@ -4,6 +4,14 @@ Image reward models (`model.kind: clip` for a transformers CLIPModel, PickScore-
 HPSv2 checkpoint) train on `pair` shards; the reward of an image is `logit_scale.exp() * cos(image, prompt)`.
 Video reward models (`model.kind: video`, `mmalign.rewards.video`) train on `video_pair` shards with
 Bradley-Terry-with-ties per dimension (VQ, MQ, TA).
+Noisy-latent reward models (`model.kind: latent`, `mmalign.rewards.latent`, for reward guidance inside a sampler)
+train on `pair` shards: the images are encoded to the generator's latents (`model.latent.generator`'s VAE; pixel
+space: the images in [-1, 1]), and with `model.latent.train_noise: noised` both latents of a pair are noised with
+one shared t ~ U(t_min, t_max) and one shared noise draw (`add_noise`), so the reward is learned at every noise
+level and the two differ only by their images; `clean` feeds x0 with t = 0 (the ablation). With several
+`model.latent.dims`, every pair needs per-dimension labels, the JSON field `dim_labels` {dim: 1 | 0 | 0.5} (label_0's
+convention: 1 = image 0 better on that dimension); the loss is the mean over dimensions. `data.ties` still filters
+on the overall label_0.
 
 Image losses (`method.loss`), from `mmalign.losses`, with r_w, r_l the rewards of the two images of a pair
 (stored order for ties):
@@ -18,7 +26,8 @@ the batch), so every prompt counts once; `dataset` by 1 / `num_example_per_promp
 Metrics: one scheme for every reward model, under `rewards/`: the loss's own numbers (`rewards/accuracy`,
 `rewards/margin`, `rewards/num_pairs`, `rewards/num_ties`, ...) and the mean rewards `rewards/chosen`,
 `rewards/rejected`; a video model logs them per dimension, `rewards/<dim>/accuracy`, `rewards/<dim>/loss` (VQ, MQ,
-TA), and their mean `rewards/accuracy`. (A policy run's `rewards/accuracies` is the DPO implicit-reward accuracy.)
+TA), and their mean `rewards/accuracy`; a latent model with several dims likewise (`rewards/<dim>/accuracy`, ...,
+`rewards/<dim>/loss`). (A policy run's `rewards/accuracies` is the DPO implicit-reward accuracy.)
 
 Under DDP (world size > 1), `method.gather` (default on) gathers every process's rewards, labels, weights and, for
 `batch` weights, prompts before the loss (`gather_cat`, differentiable, like open_clip's `gather_features`): every
@@ -27,7 +36,8 @@ that loss's gradient on the concatenated batch. Without it each process's loss (
 tie exclusion of bt) covers its own micro-batch only.
 
 Only the last `model.unfreeze_vision_blocks` / `model.unfreeze_text_blocks` blocks train (-1: all); the logit
-scale trains unless `model.train_logit_scale: false` and is clamped to `model.max_logit_scale` after every step.
+scale trains unless `model.train_logit_scale: false` and is clamped to `model.max_logit_scale` after every step
+(CLIP settings: refused for kind latent, whose text encoder is frozen and whose small network trains whole).
 The final model is exported to `RUN/reward_model/`, a folder its scorer loads back (`load_scorer(folder)`,
 `mmalign score --scorers RUN/reward_model`); a video model is first calibrated (per-dimension mean / std) on up to
 `data.calibration_samples` training videos.
@@ -36,8 +46,9 @@ The final model is exported to `RUN/reward_model/`, a folder its scorer loads ba
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
-from typing import Any, Iterator, Literal, Optional
+from typing import Any, Iterator, Literal, Optional, Sequence
 
 import torch
 from pydantic import Field, model_validator
@@ -52,13 +63,65 @@ from mmalign.train.tasks import Built, Task
 OUTPUT = "reward_model"
 
 
+_DIM_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+class LatentModelConfig(StrictModel):
+    """`model.latent`: the noisy-latent reward model (`mmalign.rewards.latent`) and how its inputs are noised."""
+
+    generator: Optional[str] = Field(None, description="Required for kind latent: the generator pipeline (folder / "
+                                                       "hub id) whose noisy latents are scored. Its text encoder + "
+                                                       "tokenizer are copied (frozen) into the model, its scheduler "
+                                                       "sets the process (flow for a FlowMatch scheduler, else "
+                                                       "ddpm), its VAE encodes the training images (no VAE: pixel "
+                                                       "space, the images in [-1, 1] are the latents).")
+    width: int = Field(32, gt=0, multiple_of=8, description="Conv widths width, 2*width, 4*width (GroupNorm, 8 "
+                                                            "groups); 32 is about 0.2 M parameters.")
+    dims: list[str] = Field(default_factory=lambda: ["reward"], min_length=1,
+                            description="One head per reward dimension. More than one needs per-dimension labels in "
+                                        "every pair: the JSON field dim_labels {dim: 1 | 0 | 0.5} (1 = image 0 better "
+                                        "on it, 0 = image 1, 0.5 = tie).")
+    train_noise: Literal["noised", "clean"] = Field(
+        "noised", description="noised: each pair's two latents get one shared t ~ U(t_min, t_max) and one shared "
+                              "noise draw (learns the reward at every noise level, what guidance needs); clean: t = 0, "
+                              "x0 as is (the ablation: a reward of clean latents only).")
+    t_min: float = Field(0.0, ge=0, le=1, description="noised: lower end of t (t = 1 pure noise, 0 clean).")
+    t_max: float = Field(1.0, ge=0, le=1, description="noised: upper end of t.")
+    latents: Literal["sample", "mean"] = Field("sample", description="VAE posterior sample (one draw per image and "
+                                                                     "step) or its mean; no effect in pixel space.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "LatentModelConfig":
+        if self.t_min > self.t_max:
+            raise ValueError(f"t_min {self.t_min} > t_max {self.t_max}: t ~ U(t_min, t_max) needs t_min <= t_max, "
+                             "both in [0, 1]")
+        if self.train_noise == "clean" and (self.t_min, self.t_max) != (0.0, 1.0):
+            raise ValueError(f"t_min / t_max ({self.t_min}, {self.t_max}) do not apply to train_noise 'clean' "
+                             "(t = 0 always); remove them or use train_noise 'noised'")
+        bad = [d for d in self.dims if not _DIM_NAME.match(d)]
+        if bad:
+            raise ValueError(f"dims {bad}: names must match {_DIM_NAME.pattern} (they become metric names "
+                             "rewards/<dim>/...)")
+        if len(set(self.dims)) != len(self.dims):
+            raise ValueError(f"dims {self.dims}: each dimension once")
+        return self
+
+
+# CLIP / HPS / video settings that mean nothing to a latent model (refused when not at their defaults).
+_NOT_LATENT = ("tokenizer", "open_clip_config", "unfreeze_vision_blocks", "unfreeze_text_blocks", "train_logit_scale",
+               "max_logit_scale", "video")
+
+
 class RewardModelConfig(StrictModel):
-    kind: Literal["clip", "hps", "video"] = Field("clip", description="clip: transformers CLIPModel (PickScore "
-                                                                      "style); hps: open_clip checkpoint (HPSv2); "
-                                                                      "video: VQ/MQ/TA video reward model.")
-    pretrained: str = Field(..., description="clip / video: a CLIPModel folder or hub id ('tiny' builds the tiny "
-                                             "test CLIP from mmalign.rewards.tiny, seeded with run.seed); hps: "
-                                             "an HPSv2 .pt / .safetensors file or exported folder.")
+    kind: Literal["clip", "hps", "video", "latent"] = Field(
+        "clip", description="clip: transformers CLIPModel (PickScore style); hps: open_clip checkpoint (HPSv2); "
+                            "video: VQ/MQ/TA video reward model; latent: noisy-latent reward model of a generator "
+                            "(model.latent).")
+    pretrained: Optional[str] = Field(None, description="clip / video (required): a CLIPModel folder or hub id "
+                                                        "('tiny' builds the tiny test CLIP from mmalign.rewards.tiny, "
+                                                        "seeded with run.seed); hps: an HPSv2 .pt / .safetensors "
+                                                        "file or exported folder. latent: not used (built from "
+                                                        "model.latent.generator, seeded with run.seed).")
     tokenizer: Optional[str] = Field(None, description="hps: CLIP tokenizer folder / hub id (default ViT-H-14's).")
     open_clip_config: Optional[str] = Field(None, description="hps: open_clip model config JSON (default "
                                                               "ViT-H-14).")
@@ -68,11 +131,35 @@ class RewardModelConfig(StrictModel):
     train_logit_scale: bool = Field(True, description="Train CLIP's logit scale (clamped after every step).")
     max_logit_scale: float = Field(100.0, gt=0, description="Clamp for logit_scale.exp() (CLIP's 100).")
     video: VideoRewardConfig = Field(default_factory=VideoRewardConfig, description="kind video: architecture.")
+    latent: LatentModelConfig = Field(default_factory=LatentModelConfig, description="kind latent: generator, "
+                                                                                     "architecture, noising.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "RewardModelConfig":
+        if self.kind != "latent":
+            if self.pretrained is None:
+                raise ValueError(f"pretrained: required for kind {self.kind!r}")
+            if self.latent != LatentModelConfig():
+                raise ValueError(f"latent: only for kind 'latent', got kind {self.kind!r}")
+            return self
+        if self.latent.generator is None:
+            raise ValueError("latent.generator: required for kind 'latent' (the generator pipeline folder or hub id "
+                             "whose noisy latents the model scores)")
+        if self.pretrained is not None:
+            raise ValueError(f"pretrained {self.pretrained!r}: not used by kind 'latent' (a fresh model is built from "
+                             "latent.generator); remove it")
+        fields = type(self).model_fields
+        wrong = [k for k in _NOT_LATENT if getattr(self, k) != fields[k].get_default(call_default_factory=True)]
+        if wrong:
+            raise ValueError(f"{', '.join(wrong)}: CLIP / video settings that do not apply to kind 'latent'; remove "
+                             "them")
+        return self
 
 
 class RewardMethodConfig(StrictModel):
-    loss: Literal["soft_ce", "bt", "btt"] = Field("soft_ce", description="Image pairs: soft_ce (ties as 1/2), bt "
-                                                                         "(ties excluded) or btt. Video: btt.")
+    loss: Literal["soft_ce", "bt", "btt"] = Field("soft_ce", description="Image and latent pairs: soft_ce (ties as "
+                                                                         "1/2), bt (ties excluded) or btt. Video: "
+                                                                         "btt.")
     btt_k: float = Field(5.0, gt=1, description="Tie parameter k of btt (larger: ties likelier).")
     prompt_weight: Literal["none", "batch", "dataset"] = Field(
         "none", description="Per-pair weights (soft_ce, bt): none (uniform); batch: 1 / pairs of the same prompt "
@@ -111,8 +198,8 @@ class RewardTrainConfig(BaseTrainConfig):
 
 
 def _pair_labels(label: torch.Tensor) -> torch.Tensor:
-    """collate_pairs' label (1 = row i preferred, 0.5 = tie) -> bt/btt labels 1 / 0."""
-    return torch.where(label == 0.5, torch.zeros_like(label), torch.ones_like(label))
+    """P(row i preferred): 1, 0.5 (tie) or 0 (collate_pairs gives 1 or 0.5) -> bt/btt labels 1 / 0 / -1."""
+    return label * 2 - 1
 
 
 def prompt_counts_weight(prompts: list[str]) -> torch.Tensor:
@@ -136,22 +223,20 @@ def dataset_prompt_weight(provenance: list[dict]) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.float32)
 
 
-def image_pair_loss(module, batch: dict, loss: str = "soft_ce", k: float = 5.0, prompt_weight: str = "none",
-                    gather: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """A `collate_pairs` batch ([winners; losers], pixel values in [-1, 1]) -> loss from `mmalign.losses`.
+def pair_loss(r_w: torch.Tensor, r_l: torch.Tensor, label: torch.Tensor, prompts: list[str],
+              provenance: list[dict] | None = None, loss: str = "soft_ce", k: float = 5.0,
+              prompt_weight: str = "none", gather: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Rewards (B,) of row i and its partner, label (B,) P(row i preferred) in {1, 0.5 (tie), 0} -> the loss from
+    `mmalign.losses` and its metrics (unprefixed names: `accuracy`, `num_ties`, ...).
 
     With `gather` (needs torch.distributed), rewards, labels, weights and prompts are gathered across processes
     first, so the loss is over the global batch (see the module docstring)."""
     from mmalign.losses import bt_loss, btt_loss, soft_ce_loss
 
-    prompts = list(batch["captions"])
-    rewards = module((batch["pixel_values"] + 1) / 2, prompts + prompts)
-    b = len(prompts)
-    r_w, r_l = rewards[:b], rewards[b:]
-    label = batch["label"].to(rewards.device)
+    label = label.to(r_w.device)
     weight = None
     if prompt_weight == "dataset":
-        weight = dataset_prompt_weight(batch["provenance"]).to(rewards.device)
+        weight = dataset_prompt_weight(provenance).to(r_w.device)
     if gather:
         r_w, r_l, label = gather_cat(r_w), gather_cat(r_l), gather_cat(label)
         if weight is not None:
@@ -159,19 +244,101 @@ def image_pair_loss(module, batch: dict, loss: str = "soft_ce", k: float = 5.0, 
         if prompt_weight == "batch":
             prompts = gather_objects(prompts)
     if prompt_weight == "batch":
-        weight = prompt_counts_weight(prompts).to(rewards.device)
+        weight = prompt_counts_weight(prompts).to(r_w.device)
     if loss == "soft_ce":
-        value, m = soft_ce_loss(r_w, r_l, label, weight)
-    elif loss == "bt":
-        value, m = bt_loss(r_w, r_l, _pair_labels(label), weight)
-    else:
-        if weight is not None:
-            raise ValueError(f"prompt_weight {prompt_weight!r}: btt takes no per-pair weights")
-        value, m = btt_loss(r_w, r_l, _pair_labels(label), k=k)
+        return soft_ce_loss(r_w, r_l, label, weight)
+    if loss == "bt":
+        return bt_loss(r_w, r_l, _pair_labels(label), weight)
+    if weight is not None:
+        raise ValueError(f"prompt_weight {prompt_weight!r}: btt takes no per-pair weights")
+    return btt_loss(r_w, r_l, _pair_labels(label), k=k)
+
+
+def image_pair_loss(module, batch: dict, loss: str = "soft_ce", k: float = 5.0, prompt_weight: str = "none",
+                    gather: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A `collate_pairs` batch ([winners; losers], pixel values in [-1, 1]) -> `pair_loss` of the image rewards."""
+    prompts = list(batch["captions"])
+    rewards = module((batch["pixel_values"] + 1) / 2, prompts + prompts)
+    b = len(prompts)
+    r_w, r_l = rewards[:b], rewards[b:]
+    value, m = pair_loss(r_w, r_l, batch["label"], prompts, batch.get("provenance"), loss, k, prompt_weight, gather)
     metrics = {f"rewards/{name}": v for name, v in m.items()}
     metrics["rewards/chosen"] = r_w.detach().mean()
     metrics["rewards/rejected"] = r_l.detach().mean()
     return value, metrics
+
+
+def pair_dim_labels(batch: dict, dims: Sequence[str]) -> torch.Tensor:
+    """(B, D) P(row i preferred to row B+i) per dimension, from each pair's JSON field `dim_labels` {dim: 1 | 0 |
+    0.5} (label_0's convention: 1 = stored image 0 better on that dimension), put in the batch's row order with
+    `winner_index` (row i holds stored image `winner_index[i]`). A pair without them is an error naming its shard
+    and key."""
+    extra = batch.get("extra") or [None] * len(batch["keys"])
+    rows = []
+    for i, key in enumerate(batch["keys"]):
+        where = f"{batch['shards'][i]}: pair {key!r}"
+        labels = (extra[i] or {}).get("dim_labels")
+        if not isinstance(labels, dict):
+            raise ValueError(f"{where}: no dim_labels in its JSON; model.latent.dims {list(dims)} (more than one) "
+                             "needs per-dimension labels in every pair, dim_labels {dim: 1 | 0 | 0.5} (1 = image 0 "
+                             "better, 0 = image 1, 0.5 = tie), e.g. pair_sample(..., dim_labels={...}); or train "
+                             "one dimension")
+        missing = [d for d in dims if d not in labels]
+        if missing:
+            raise ValueError(f"{where}: dim_labels has no {missing} (it has {sorted(labels)}); model.latent.dims "
+                             f"is {list(dims)}")
+        # Not a bool, not text: a label written as true or "1" is a broken converter (as for label_0).
+        bad = {d: labels[d] for d in dims if isinstance(labels[d], bool) or not isinstance(labels[d], (int, float))
+               or labels[d] not in (0, 0.5, 1)}
+        if bad:
+            raise ValueError(f"{where}: dim_labels {bad}: each must be 1 (image 0 better), 0 (image 1) or 0.5 (tie)")
+        p0 = torch.tensor([float(labels[d]) for d in dims])
+        rows.append(p0 if int(batch["winner_index"][i]) == 0 else 1 - p0)
+    return torch.stack(rows)
+
+
+def latent_pair_loss(module, unwrapped, vae, batch: dict, latent: LatentModelConfig,
+                     method: RewardMethodConfig, generator: torch.Generator | None = None,
+                     gather: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A `collate_pairs` batch -> `pair_loss` of a `LatentRewardModel`'s rewards of the noised latents.
+
+    x0 = the generator's latents of the 2B images ([winners; losers]); `noised`: per pair one t ~ U(t_min, t_max)
+    (snapped to the process's grid, `snap_t`) and one noise draw, both shared by its two latents,
+    `x_t = add_noise(x0, noise, t)`; `clean`: x_t = x0, t = 0. All randomness from `generator` (CPU).
+    One dimension: the batch's label; several: `pair_dim_labels`, the loss is the mean over dimensions.
+    `module` is what runs forward (possibly DDP-wrapped), `unwrapped` the bare model (its forward process)."""
+    from mmalign.rewards.latent import encode_latents
+
+    prompts = list(batch["captions"])
+    b = len(prompts)
+    device = unwrapped.device
+    x0 = encode_latents(vae, batch["pixel_values"].to(device), mode=latent.latents, generator=generator)
+    if latent.train_noise == "clean":
+        t, x_t = torch.zeros(2 * b, device=device), x0
+    else:
+        t = unwrapped.snap_t(latent.t_min + (latent.t_max - latent.t_min) * torch.rand(b, generator=generator))
+        noise = torch.randn((b, *x0.shape[1:]), generator=generator, dtype=x0.dtype).to(device)
+        t = torch.cat([t, t]).to(device)
+        x_t = unwrapped.add_noise(x0, torch.cat([noise, noise]), t)
+    rewards = module(x_t, t, prompts + prompts)
+    r_w, r_l = rewards[:b], rewards[b:]
+    dims = list(latent.dims)
+    args = (prompts, batch.get("provenance"), method.loss, method.btt_k, method.prompt_weight, gather)
+    if len(dims) == 1:
+        value, m = pair_loss(r_w[:, 0], r_l[:, 0], batch["label"], *args)
+        metrics = {f"rewards/{name}": v for name, v in m.items()}
+        metrics["rewards/chosen"] = r_w.detach().mean()
+        metrics["rewards/rejected"] = r_l.detach().mean()
+        return value, metrics
+    labels = pair_dim_labels(batch, dims)
+    losses, metrics = [], {}
+    for j, dim in enumerate(dims):
+        value, m = pair_loss(r_w[:, j], r_l[:, j], labels[:, j], *args)
+        losses.append(value)
+        metrics.update({f"rewards/{dim}/{name}": v for name, v in m.items()})
+        metrics[f"rewards/{dim}/loss"] = value.detach()
+    metrics["rewards/accuracy"] = torch.stack([metrics[f"rewards/{d}/accuracy"] for d in dims]).mean()
+    return torch.stack(losses).mean(), metrics
 
 
 def _tiny_clip(run_dir: str, seed: int) -> str:
@@ -198,6 +365,10 @@ class RewardTask(Task):
     def _is_video(self) -> bool:
         return self.cfg.model.kind == "video"
 
+    def _extra_fields(self) -> tuple[str, ...]:
+        m = self.cfg.model
+        return ("dim_labels",) if m.kind == "latent" and len(m.latent.dims) > 1 else ()
+
     def check_inputs(self) -> None:
         from mmalign.data.manifest import open_source
 
@@ -206,11 +377,21 @@ class RewardTask(Task):
         if src.schema != wanted:
             raise ValueError(f"data.shards {self.cfg.data.shards}: holds {src.schema!r} samples; model.kind "
                              f"{self.cfg.model.kind!r} trains on {wanted!r} shards")
+        if self._extra_fields():  # the first pair, before any model loads; every batch is checked again
+            from mmalign.data.collate import collate_pairs
+            from mmalign.data.dataset import PairDataset
+
+            first = next(iter(PairDataset(self.cfg.data.shards, decode_images=False, ties="keep", rank=0,
+                                          world_size=1, extra_fields=self._extra_fields())), None)
+            if first is not None:
+                pair_dim_labels(collate_pairs([first]), self.cfg.model.latent.dims)
 
     def build(self, device) -> Built:
         from mmalign.rewards.clip import load_clip_scorer, set_trainable
 
         m = self.cfg.model
+        if m.kind == "latent":
+            return self._build_latent(device)
         source = _tiny_clip(self.cfg.run.output_dir, self.cfg.run.seed) if m.pretrained == "tiny" else m.pretrained
         if m.kind == "video":
             from mmalign.rewards.clip import read_scorer_card
@@ -234,6 +415,19 @@ class RewardTask(Task):
         params = [p for p in module.parameters() if p.requires_grad]
         return Built(module=module, params=params)
 
+    def _build_latent(self, device) -> Built:
+        """A fresh `LatentRewardModel` (seeded with run.seed) and the generator's frozen VAE (None: pixel space),
+        passed to the loss as `Built.model`."""
+        from mmalign.rewards.latent import build_latent_reward, load_generator_vae
+
+        m, lc = self.cfg.model, self.cfg.model.latent
+        module = build_latent_reward(lc.generator, dims=lc.dims, width=lc.width, name=m.name, seed=self.cfg.run.seed)
+        vae = load_generator_vae(lc.generator)
+        if vae is not None:
+            vae.to(device)
+        module.to(device).train()
+        return Built(module=module, params=[p for p in module.parameters() if p.requires_grad], model=vae)
+
     def batches(self, rank: int, world_size: int, skip: int) -> Iterator[dict]:
         from mmalign.data.collate import collate_pairs, collate_video_pairs
         from mmalign.data.dataset import PairDataset, VideoPairDataset
@@ -246,7 +440,7 @@ class RewardTask(Task):
             dataset, collate = VideoPairDataset(d.shards, frames=d.frames, **common), collate_video_pairs
         else:
             dataset = PairDataset(d.shards, transforms={"resolution": d.resolution, "crop": "center"}, ties=d.ties,
-                                  **common)
+                                  extra_fields=self._extra_fields(), **common)
             collate = collate_pairs
         yield from endless_batches(dataset, collate, self.cfg.train.batch_size, skip=skip, num_workers=d.num_workers,
                                    what=f"data.shards {d.shards}")
@@ -258,11 +452,15 @@ class RewardTask(Task):
             from mmalign.rewards.video import video_pair_loss
 
             return video_pair_loss(module, batch, k=cfg.method.btt_k, gather=gather)
+        if cfg.model.kind == "latent":
+            return latent_pair_loss(module, unwrapped, model, batch, cfg.model.latent, cfg.method, generator, gather)
         return image_pair_loss(module, batch, cfg.method.loss, cfg.method.btt_k, cfg.method.prompt_weight, gather)
 
     def after_optimizer_step(self, unwrapped) -> None:
         import math
 
+        if self.cfg.model.kind == "latent":
+            return  # no logit scale
         clip = unwrapped.clip if self._is_video() else unwrapped.model
         with torch.no_grad():
             clip.logit_scale.clamp_(max=math.log(self.cfg.model.max_logit_scale))
