@@ -37,11 +37,18 @@ def test_gpu_suite_tiny_dry_run(tmp_path):
     expected = [("SDXL 32 px", v) for v in ("(a) naive", "(b) cached", "(c) LoRA")]
     expected += [("SD 1.5 32 px", v) for v in ("(a) naive", "(b) cached", "(c) LoRA")]
     expected += [("HPS", "one image at a time"), ("HPS", "batches of 8"), ("VLM DPO", "LoRA r 128")]
+    expected += [(f"guidance {pipe}", v) for pipe in ("toy", "tiny SD 1.5")
+                 for v in ("unguided", "latent", "pixel, x0", "pixel, model")]
     for head, variant in expected:
         assert sum(head in label and variant in label for label in labels) == 1, (head, variant, labels)
     assert len(rows) == len(expected)
     for label, speed, ratio, peak, tflop, mfu in rows:
         assert not speed.startswith(("failed", "skipped")), (label, speed)
+        if label.startswith("guidance"):
+            # Cost against unguided sampling of the same pipeline, no FLOP count.
+            assert speed.endswith("s/img") and number(speed) > 0 and number(ratio) > 0, (label, speed)
+            assert (number(ratio) == 1.0) == label.endswith("unguided"), label
+            continue
         assert speed.endswith("s/step" if "VLM" in label or " px" in label else "img/s"), (label, speed)
         assert number(speed) > 0 and number(peak) >= 0 and number(tflop) > 0 and number(mfu) >= 0, label
         if "VLM" not in label:
@@ -52,7 +59,7 @@ def test_gpu_suite_tiny_dry_run(tmp_path):
     raw = json.loads((tmp_path / "gpu_bench.json").read_text())
     assert raw["meta"]["tiny"] and raw["meta"]["peak_tflops"] > 0
     results = {(r["row"], r["variant"]): r for r in raw["results"]}
-    assert all(r["status"] == "ok" and r["mfu"] > 0 for r in results.values())
+    assert all(r["status"] == "ok" and (r["row"] == "guide" or r["mfu"] > 0) for r in results.values())
     for row in ("sdxl", "sd15"):
         naive, cached, lora = (results[row, v] for v in ("naive", "cached", "lora"))
         # (a) runs the VAE and text encoders inside the step: more counted FLOPs than the cached step (b).

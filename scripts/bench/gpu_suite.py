@@ -22,6 +22,10 @@ a job that no longer fits is `skipped`, saying so):
   loaded by mmalign's VLM task (`VLMTask.build`: `load_vlm`, LoRA rank 128 on the language model, the projector a
   trainable copy, reference = the disabled adapters, gradient checkpointing); DPO on `--vlm-batch` pairs of one
   336 px image, a short prompt and `--vlm-response-words`-word answers; mmalign's AdamW.
+- Reward guidance (`scripts/bench/guide.py`): SD 1.5 from its published configs at 512 px, random bf16 weights,
+  20 DDIM steps, 4 images: s/image of unguided sampling, noisy-latent reward guidance, and pixel-reward guidance
+  (VAE decode + a ViT-L/14-sized CLIP scorer's backward) with the prediction held fixed or the exact gradient
+  through the UNet; ratio = cost against unguided.
 
 Measures. s/step: wall time of `--steps` steps after `--warmup` (torch.cuda.synchronize around the timed loop).
 Peak GB: torch.cuda.max_memory_allocated over the warm-up and timed steps, reset after the models are loaded
@@ -67,8 +71,8 @@ PEAK_BF16_TFLOPS = (
     ("H100", 989.4), ("H800", 989.4), ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.1),
     ("L40", 181.0), ("L4", 121.0),
 )
-ROWS = ("sdxl", "sd15", "hps", "vlm")  # the table's order
-RUN_ORDER = ("sdxl", "vlm", "hps", "sd15")  # what a tight deadline should keep: the rows no CPU run can stand for
+ROWS = ("sdxl", "sd15", "hps", "vlm", "guide")  # the table's order
+RUN_ORDER = ("sdxl", "vlm", "guide", "hps", "sd15")  # what a tight deadline should keep: the rows no CPU run can stand for
 T2I_VARIANTS = (("naive", "(a) naive: VAE + text encoders every step, reference copy, transformers' Adafactor"),
                 ("cached", "(b) cached latents + text, reference copy, mmalign's Adafactor"),
                 ("lora", "(c) LoRA r 8, cached, reference = disabled adapters"))
@@ -525,6 +529,23 @@ class Suite:
         r.value, r.peak_gb, r.flops, r.extra = out["s_per_step"], out["peak_gb"], out["flops_per_step"], out
         return [r]
 
+    def guide_row(self) -> list[Result]:
+        """Reward-guided sampling cost per image against unguided (`scripts/bench/guide.py`): SD 1.5 from its
+        published configs at 512 px, 20 steps, bf16 (tiny: the toy and tiny SD 1.5 pipelines on the CPU)."""
+        a = self.args
+        cmd = [sys.executable, str(HERE / "guide.py"), "--device", a.device, "--json-stdout",
+               "--dtype", "bfloat16" if a.dtype == "bf16" else "float32"]
+        cmd += ["--n", "2", "--steps", "3", "--repeats", "1"] if a.tiny else ["--sd15-full", "--n", "4"]
+        out, why = self.job("guide", cmd, 600 if a.tiny else 240, 1 if a.tiny else 60)
+        if out is None:
+            return [fail(Result("guide", "all", "reward guidance"), why)]
+        results = []
+        for row in out["rows"]:
+            r = Result("guide", row["variant"], f"guidance {row['pipeline']}: {row['variant']}", unit="s/img")
+            r.value, r.ratio, r.peak_gb, r.extra = row["ms_per_image"] / 1000, row["ratio"], row["peak_gb"] or 0.0, row
+            results.append(r)
+        return results
+
     def run(self) -> tuple[list[Result], dict]:
         a = self.args
         import torch
@@ -537,6 +558,8 @@ class Suite:
                 by_row[row] = self.t2i_row(row)
             elif row == "hps":
                 by_row[row] = self.hps_row()
+            elif row == "guide":
+                by_row[row] = self.guide_row()
             else:
                 by_row[row] = self.vlm_row()
         results = [r for row in ROWS if row in by_row for r in by_row[row]]
@@ -572,14 +595,14 @@ def table(results: list[Result], meta: dict, args) -> str:
              f"of a {meta['deadline_s']:.0f} s deadline",
              f"MFU against {meta['peak_tflops']:.4g} TFLOP/s ({meta['peak_source']}); T2I: 1 pair/step "
              f"(tiny: 2), gradient checkpointing, Adafactor; ratio: s/step against (a), images/s against one at a "
-             "time", "",
+             "time, guidance s/img against unguided sampling", "",
              "| row | speed | ratio | peak GB | TFLOP per step or image | MFU % |",
              "|---|---:|---:|---:|---:|---:|"]
     for r in results:
         if r.status != "ok":
             lines.append(f"| {r.label} | {r.reason} | | | | |")
             continue
-        speed = f"{r.value:.3f} s/step" if r.unit == "s/step" else f"{r.value:,.1f} img/s"
+        speed = f"{r.value:,.1f} img/s" if r.unit == "img/s" else f"{r.value:.3f} {r.unit}"
         ratio = f"{r.ratio:.2f}" if r.ratio is not None else "n/a"
         mfu = f"{100 * r.mfu:.3g}" if r.mfu is not None else "n/a"
         tflop = f"{r.flops / 1e12:.4g}" if r.flops else "n/a"

@@ -81,6 +81,8 @@ def bench(args) -> list[dict]:
                 guidance = GuidanceConfig(scale=0.0 if mode is None else 1.0,
                                           grad_through=mode if mode in ("x0", "model") else "model")
                 times = []
+                if args.device.startswith("cuda"):
+                    torch.cuda.reset_peak_memory_stats()
                 for i in range(args.repeats + 1):
                     if args.device.startswith("cuda"):
                         torch.cuda.synchronize()
@@ -93,8 +95,11 @@ def bench(args) -> list[dict]:
                         times.append(time.perf_counter() - t0)
                 ms = 1000 * min(times) / args.n
                 base_ms = base_ms or ms
-                rows.append({"pipeline": name, "variant": label, "ms_per_image": ms, "ratio": ms / base_ms})
-                print(f"{name:36s} {label:14s} {ms:9.1f} ms/image  {ms / base_ms:5.2f}x", flush=True)
+                peak = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else None
+                rows.append({"pipeline": name, "variant": label, "ms_per_image": ms, "ratio": ms / base_ms,
+                             "peak_gb": peak, "n": args.n, "steps": args.steps})
+                print(f"{name:36s} {label:14s} {ms:9.1f} ms/image  {ms / base_ms:5.2f}x", flush=True,
+                      file=sys.stderr if args.json_stdout else sys.stdout)
             del pipe
     return rows
 
@@ -109,8 +114,12 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     ap.add_argument("--sd15-full", action="store_true", help="SD 1.5 from its published configs, 512 px")
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    ap.add_argument("--json-stdout", action="store_true", help="print the rows as one JSON line last (for gpu.sh)")
     args = ap.parse_args()
     rows = bench(args)
+    if args.json_stdout:
+        print(json.dumps({"rows": rows}))
+        return
     print("\n| pipeline | variant | ms / image | x unguided |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['pipeline']} | {r['variant']} | {r['ms_per_image']:.1f} | {r['ratio']:.2f} |")
