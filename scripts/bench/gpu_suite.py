@@ -535,7 +535,7 @@ class Suite:
         a = self.args
         cmd = [sys.executable, str(HERE / "guide.py"), "--device", a.device, "--json-stdout",
                "--dtype", "bfloat16" if a.dtype == "bf16" else "float32"]
-        cmd += ["--n", "2", "--steps", "3", "--repeats", "1"] if a.tiny else ["--sd15-full", "--n", "4"]
+        cmd += ["--n", "2", "--steps", "3", "--repeats", "1"] if a.tiny else ["--sd15-full", "--n", "4", "--repeats", "4"]
         out, why = self.job("guide", cmd, 600 if a.tiny else 240, 1 if a.tiny else 60)
         if out is None:
             return [fail(Result("guide", "all", "reward guidance"), why)]
