@@ -314,8 +314,9 @@ def test_latent_dims_weights_and_the_noising_process_are_checked(toy, tiny_pipes
         RewardSet.load([Spec(str(latent_folder), 1.0, {"colour": 1.0})])
     # A model of the toy's DDPM noising cannot guide a rectified-flow sampler.
     with pytest.raises(ValueError, match="'ddpm' noisy latents"):
-        guided_sample(load_pipeline(tiny_pipes["sd3"]), PROMPTS[:1], SEEDS[:1], RewardSet.load([(str(latent_folder), 1.0)]),
-                      sampler=SamplerConfig(steps=2), guidance=GuidanceConfig(scale=1.0), progress=False)
+        guided_sample(load_pipeline(tiny_pipes["sd3"]), PROMPTS[:1], SEEDS[:1],
+                      RewardSet.load([(str(latent_folder), 1.0)]), sampler=SamplerConfig(steps=2),
+                      guidance=GuidanceConfig(scale=1.0), progress=False)
     # As an image scorer (`mmalign score`) it is refused with what to do instead.
     from mmalign.rewards.registry import load_scorer
 

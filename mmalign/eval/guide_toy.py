@@ -194,7 +194,8 @@ def guide_toy(out: Path, base: str, *, n_eval: int = 256, steps: int = 20,
     from mmalign.toy.scenes import prompt_seed_pairs
 
     settings = {"base": str(base), "eval_prompts": n_eval, "steps": steps, "scales": list(scales),
-                "model_scales": list(model_scales), "latent_scales": list(latent_scales), "high_noise_window": list(high_noise_window),
+                "model_scales": list(model_scales), "latent_scales": list(latent_scales),
+                "high_noise_window": list(high_noise_window),
                 "trade_off_scale": trade_off_scale, "best_of": list(best_of), "rm_prompts": rm_prompts,
                 "rm_images_per_prompt": rm_k, "rm_steps": rm_steps, "rm_batch_size": rm_batch_size, "rm_lr": rm_lr}
     out.mkdir(parents=True, exist_ok=True)

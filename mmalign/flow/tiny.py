@@ -35,7 +35,8 @@ def build_tiny_sd3(out_dir: str | os.PathLike, seed: int = 0, width: int = 16) -
 
     transformer = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
                                         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=2 * width,
-                                        caption_projection_dim=16, pooled_projection_dim=2 * width, pos_embed_max_size=16)
+                                        caption_projection_dim=16, pooled_projection_dim=2 * width,
+                                        pos_embed_max_size=16)
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                         layers_per_block=1, norm_num_groups=8, sample_size=32, scaling_factor=1.5305,

@@ -9,7 +9,7 @@ scheduler, VAE, text encoders and its `encode_prompt`), so prompts are encoded e
 | `StableDiffusionPipeline` (SD 1.x / 2.x) | diffusion | `unet(x, t, encoder_hidden_states)` |
 | `StableDiffusionXLPipeline` | diffusion | `unet(..., added_cond_kwargs={text_embeds, time_ids})` |
 | `ToyT2IPipeline` (the toy world's, pixel space) | diffusion | `unet(x, t, encoder_hidden_states)` |
-| `StableDiffusion3Pipeline` (rectified flow) | flow | `transformer(x, 1000·sigma, encoder_hidden_states, pooled_projections)` |
+| `StableDiffusion3Pipeline` (rectified flow) | flow | `transformer(x, 1000·sigma, text, pooled_projections)` |
 
 Classifier-free guidance runs on the batch `[negative; prompt]` as those pipelines do.
 """

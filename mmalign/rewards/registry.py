@@ -117,9 +117,10 @@ def scorer_kind(spec: str) -> str:
 
     name, eq, source = spec.strip().partition("=")
     folder = source if eq else spec.strip()
-    if (eq and name == "latent") or (os.path.isdir(folder) and (read_scorer_card(folder) or {}).get("kind") == "latent"):
+    card_kind = (read_scorer_card(folder) or {}).get("kind") if os.path.isdir(folder) else None
+    if (eq and name == "latent") or card_kind == "latent":
         return "latent"
-    if name == "video" or (os.path.isdir(folder) and (read_scorer_card(folder) or {}).get("kind") == "video"):
+    if name == "video" or card_kind == "video":
         return "video"
     return "image"
 
