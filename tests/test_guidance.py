@@ -100,10 +100,13 @@ def test_scale_zero_equals_the_diffusers_pipeline_bit_for_bit(tiny_pipes, kind, 
 # -- direction, window, weights --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["toy", "sd15", "sd3"])
-def test_brightness_guidance_raises_brightness_and_a_negative_scale_lowers_it(toy, tiny_pipes, kind):
+@pytest.mark.parametrize("kind,scheduler,cfg_scale", [
+    ("toy", "pipeline", 1.0), ("sd15", "ddim", 1.0), ("sd15", "euler_ancestral", 1.0),
+    ("sdxl", "euler_ancestral", 3.0), ("sdxl", "ddpm", 1.0), ("sd3", "flow_euler", 3.0)])
+def test_brightness_guidance_raises_brightness_and_a_negative_scale_lowers_it(toy, tiny_pipes, kind, scheduler,
+                                                                               cfg_scale):
     pipe = toy if kind == "toy" else load_pipeline(tiny_pipes[kind])
-    sampler = SamplerConfig(steps=4)
+    sampler = SamplerConfig(steps=4, scheduler=scheduler, cfg_scale=cfg_scale)
     # In pixel space with the prediction held fixed, the gradient is exactly the luma weights: a known direction.
     g = GuidanceConfig(scale=2.0, grad_through="x0" if kind == "toy" else "model")
     base = guided_sample(pipe, PROMPTS, SEEDS, _brightness(), sampler=sampler, progress=False)
@@ -117,6 +120,17 @@ def test_brightness_guidance_raises_brightness_and_a_negative_scale_lowers_it(to
         # the guided image moves most in green and least in blue.
         shift = (up.images - base.images).mean(dim=(0, 2, 3))
         assert shift[1] > shift[0] > shift[2] > 0, shift
+
+
+def test_checkpointed_decode_gives_the_same_guided_images(tiny_pipes):
+    pipe = load_pipeline(tiny_pipes["sd15"])
+    g = GuidanceConfig(scale=2.0, grad_through="x0")
+    plain = guided_sample(pipe, PROMPTS, SEEDS, _brightness(), sampler=SamplerConfig(steps=3), guidance=g,
+                          progress=False)
+    ckpt = guided_sample(pipe, PROMPTS, SEEDS, _brightness(), sampler=SamplerConfig(steps=3),
+                         guidance=g.model_copy(update={"checkpoint_decode": True}), progress=False)
+    torch.testing.assert_close(ckpt.images, plain.images, rtol=0, atol=1e-6)
+    assert plain.cost["decoder_backward"] == 3
 
 
 def test_a_zero_weight_reward_changes_nothing_and_the_window_is_honoured(toy):
