@@ -352,3 +352,28 @@ def test_the_shipped_latent_recipe_raises_colour_adherence_on_the_toy_prompts(to
     gain = (guided.scores["toy_color"] - base.scores["toy_color"]).mean().item()
     assert gain > 0.15, gain
     assert guided.cost["denoiser_backward"] == 0
+
+
+def test_pipeline_lora_loads_through_the_pipelines_own_loader(tmp_path):
+    """`pipeline.lora`: a LoRA saved as training saves it (alpha != rank) samples as the adapted UNet does."""
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from mmalign.t2i.export import lora_metadata
+
+    adapted = load_pipeline(str(BASE_MODEL))
+    adapted.unet.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                        init_lora_weights=False))
+    StableDiffusionPipeline.save_lora_weights(str(tmp_path / "lora"),
+                                              unet_lora_layers=get_peft_model_state_dict(adapted.unet),
+                                              unet_lora_adapter_metadata=lora_metadata(adapted.unet))
+    sampler = SamplerConfig(steps=4)
+    want = guided_sample(adapted, PROMPTS, SEEDS, None, sampler=sampler, progress=False).images
+    loaded = load_pipeline(str(BASE_MODEL), lora=str(tmp_path / "lora"))
+    got = guided_sample(loaded, PROMPTS, SEEDS, None, sampler=sampler, progress=False).images
+    base = guided_sample(load_pipeline(str(BASE_MODEL)), PROMPTS, SEEDS, None, sampler=sampler, progress=False).images
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert (got - base).abs().max() > 0.05
+    with pytest.raises(Exception, match="no such file or folder"):
+        load_pipeline(str(BASE_MODEL), lora=str(tmp_path / "missing"))
