@@ -8,6 +8,7 @@ method means the same on every modality and logs the same names:
 | `dpo` | pairs | yes | error, logp | `diffusion_dpo_loss` (error: β/2 on `-err`, Diffusion-DPO) / `dpo_loss` (logp) |
 | `mapo` | pairs | no | error | `mapo_loss` |
 | `rankdpo` | ranked lists | yes | error | `ranked_dpo_loss` |
+| `flow_dpo` | pairs | yes | error | `flow_dpo_loss` (Flow-DPO: Diffusion-DPO on velocity errors, `beta_schedule` constant or (1-t)^2) |
 | `sft` | winners | no | error, logp | mean error of the winners / their negative log-likelihood |
 
 `loss_type` picks a DPO variant (`mmalign.losses.DPO_LOSS_TYPES`, TRL's names) for `dpo`; `label_smoothing` is
@@ -25,6 +26,7 @@ Metric names (TRL's, the same for every modality; `loss` is added by the loop):
   `mse/policy_rejected`;
 - rankdpo: `rewards/margins`, `rewards/accuracies`, `ranked/num_pairs`, `ranked/prompts_with_pairs`, `mse/policy`,
   `mse/ref`;
+- flow_dpo: dpo's names and `beta/effective` (the mean per-pair β);
 - sft: `mse/policy_chosen`, `mse/policy_rejected` (error) or `logps/chosen` (logp).
 """
 
@@ -35,7 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mmalign.losses import DPO_LOSS_TYPES, diffusion_dpo_loss, dpo_loss, mapo_loss, ranked_dpo_loss
+from mmalign.losses import DPO_LOSS_TYPES, diffusion_dpo_loss, dpo_loss, flow_dpo_loss, mapo_loss, ranked_dpo_loss
 from mmalign.models.contract import Surrogates
 
 
@@ -57,6 +59,8 @@ METHODS: dict[str, Method] = {
     "dpo": Method("dpo", "pair", True, ("error", "logp"), {"error": 5000.0, "logp": 0.1}),
     "mapo": Method("mapo", "pair", False, ("error",), {"error": 0.1}),
     "rankdpo": Method("rankdpo", "ranked", True, ("error",), {"error": 5000.0}),
+    # Flow-DPO has no published β on mean velocity errors that transfers between models: recipes set it.
+    "flow_dpo": Method("flow_dpo", "pair", True, ("error",), {}),
     "sft": Method("sft", "pair", False, ("error", "logp"), {"error": 1.0, "logp": 1.0}),
 }
 
@@ -105,11 +109,12 @@ def check_method(name: str, kind: str, loss_type: str = "sigmoid", label_smoothi
 
 def preference_loss(name: str, s: Surrogates, *, beta: float, loss_type: str = "sigmoid",
                     label_smoothing: float = 0.0, scores: Tensor | None = None, rank_weighting: str = "lambda",
-                    mapo_snr_value: float = 0.5) -> tuple[Tensor, dict[str, Tensor]]:
+                    mapo_snr_value: float = 0.5, beta_schedule: str = "constant") -> tuple[Tensor, dict[str, Tensor]]:
     """One micro-batch's (loss, metrics) for method `name` on the surrogates `s` ((K, B), row 0 the winners).
 
     beta: the method's β on the scale of `s` (see `METHODS[name].default_beta`).
     scores: (B, K) preference scores of ranked lists (rankdpo; higher = preferred).
+    beta_schedule: flow_dpo's per-pair β (`mmalign.losses.FLOW_BETA_SCHEDULES`), from the surrogates' flow time t.
     """
     method = check_method(name, s.kind, loss_type, label_smoothing)
     if method.needs_reference and s.reference is None:
@@ -120,6 +125,9 @@ def preference_loss(name: str, s: Surrogates, *, beta: float, loss_type: str = "
             return diffusion_dpo_loss(err[0], err[1], ref[0], ref[1], beta, loss_type, label_smoothing)
         return dpo_loss(s.policy[0], s.policy[1], s.reference[0], s.reference[1], beta, loss_type,
                         label_smoothing)
+    if name == "flow_dpo":
+        err, ref = s.errors, s.reference_errors
+        return flow_dpo_loss(err[0], err[1], ref[0], ref[1], beta, t=s.t, beta_schedule=beta_schedule)
     if name == "mapo":
         if s.num_train_timesteps is None:
             raise ValueError("method 'mapo' needs the noise scheduler's num_train_timesteps in the surrogates")

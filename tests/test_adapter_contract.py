@@ -59,6 +59,33 @@ def _t2i_row(pretrained: str) -> Row:
     return Row(build, batch, "error", 5000.0)
 
 
+# -- flow matching -------------------------------------------------------------------------------------------------
+def _flow_row(pretrained: str, video: bool) -> Row:
+    from mmalign.flow.task import FlowTrainConfig, build_adapter
+
+    def build(reference):
+        cfg = validate_config(FlowTrainConfig, {
+            "task": "flow", "model": {"pretrained": pretrained, "reference": reference,
+                                      "lora": {"rank": 4, "alpha": 8, "target_modules": ["to_q", "to_k", "to_v",
+                                                                                         "to_out.0"]}},
+            "method": {"name": "flow_dpo", "beta": 1000.0},
+            "data": {"shards": "unused", "resolution": 32}, "train": {"max_steps": 1}})
+        torch.manual_seed(0)
+        adapter = build_adapter(cfg, torch.device("cpu"))
+        return adapter, adapter.c.transformer
+
+    def batch(identical):
+        g = torch.Generator().manual_seed(1)
+        shape = (2, 3, 9, 32, 32) if video else (2, 3, 32, 32)
+        winners = torch.rand(shape, generator=g) * 2 - 1
+        losers = winners.clone() if identical else torch.rand(shape, generator=g) * 2 - 1
+        key = "videos" if video else "pixel_values"
+        return {key: torch.cat([winners, losers]), "captions": ["a red circle on the left", "a blue square"],
+                "keys": ["a", "b"]}
+
+    return Row(build, batch, "error", 1000.0)
+
+
 # -- vision-language models ----------------------------------------------------------------------------------------
 def _vlm_row(folder: str) -> Row:
     from mmalign.toy.scenes import sample_scenes
@@ -91,10 +118,12 @@ def rows(tmp_path_factory, tiny_sd15, tiny_sdxl):
         "t2i-sdxl": _t2i_row(tiny_sdxl),
         "vlm-llava": _vlm_row(str(build_tiny_vlm(vlm / "llava", "llava"))),
         "vlm-qwen2_vl": _vlm_row(str(build_tiny_vlm(vlm / "qwen2_vl", "qwen2_vl"))),
+        "flow-sd3": _flow_row("assets/tiny/sd3", video=False),
+        "flow-wan": _flow_row("assets/tiny/wan", video=True),
     }
 
 
-ROWS = ["t2i-sd15", "t2i-sdxl", "vlm-llava", "vlm-qwen2_vl"]
+ROWS = ["t2i-sd15", "t2i-sdxl", "vlm-llava", "vlm-qwen2_vl", "flow-sd3", "flow-wan"]
 
 
 def _surrogates(adapter, policy, batch, seed=0) -> Surrogates:

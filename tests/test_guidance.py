@@ -360,7 +360,7 @@ def test_pipeline_lora_loads_through_the_pipelines_own_loader(tmp_path):
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    from mmalign.t2i.export import lora_metadata
+    from mmalign.models.lora import lora_metadata
 
     adapted = load_pipeline(str(BASE_MODEL))
     adapted.unet.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"],

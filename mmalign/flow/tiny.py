@@ -53,3 +53,31 @@ def build_tiny_sd3(out_dir: str | os.PathLike, seed: int = 0, width: int = 16) -
     index.update(text_encoder_3=[None, None], tokenizer_3=[None, None])
     index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return out_dir
+
+
+def build_tiny_wan(out_dir: str | os.PathLike, seed: int = 0, scheduler: str = "flow_match") -> Path:
+    """Save a randomly initialised tiny Wan-2.1-style text-to-video pipeline and return its path: a
+    `WanTransformer3DModel` (patch (1, 2, 2), 2 layers), an `AutoencoderKLWan` (z_dim 16, 8x spatial and 4x temporal
+    compression: 9 frames at 32x32 -> 3 x 4 x 4 latents), a 1-layer UMT5 encoder over the toy-word tokenizer, and
+    `FlowMatchEulerDiscreteScheduler(shift=3)` (`scheduler="unipc"`: the UniPC flow scheduler Wan checkpoints ship)."""
+    from diffusers import (AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler, WanPipeline,
+                           WanTransformer3DModel)
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    tokenizer = word_clip_tokenizer(model_max_length=32)
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), d_model=16, d_kv=8, d_ff=32, num_layers=1,
+                                               num_heads=2, relative_attention_num_buckets=8, pad_token_id=1,
+                                               eos_token_id=1, decoder_start_token_id=0))
+    vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True])
+    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                        in_channels=16, out_channels=16, text_dim=16, freq_dim=32, ffn_dim=32,
+                                        num_layers=2, rope_max_seq_len=32)
+    sched = (UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+             if scheduler == "unipc" else FlowMatchEulerDiscreteScheduler(shift=3.0))
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=sched,
+                       transformer=transformer)
+    out_dir = Path(out_dir)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir

@@ -51,6 +51,7 @@ TASKS: dict[str, str] = {
     "t2i": "mmalign.t2i.task:T2ITask",
     "vlm": "mmalign.vlm.task:VLMTask",
     "reward": "mmalign.rewards.task:RewardTask",
+    "flow": "mmalign.flow.task:FlowTask",
 }
 
 

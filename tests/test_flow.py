@@ -1,0 +1,173 @@
+"""Flow matching (`task: flow`): the convention against diffusers, the tiny recipes end to end (ln 2 at step 0, the
+LoRA reloads through the pipeline's own loader with alpha != rank), video pairs with per-dimension votes, and bad
+input refused before any model loads."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from mmalign.config import ConfigError, validate_config
+from mmalign.flow.adapter import FlowAdapter, check_flow_model, load_flow_components
+from mmalign.flow.task import FlowTrainConfig, video_pair_batch
+from mmalign.models.loading import ModelLoadError
+from mmalign.train.tasks import load_train_config
+from mmalign.train.trainer import TrainingError, train
+
+SD3, WAN = "assets/tiny/sd3", "assets/tiny/wan"
+
+
+def test_noising_equals_diffusers_scale_noise_and_timesteps_are_1000_sigma():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    adapter = FlowAdapter(load_flow_components(SD3), reference="none")
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 3, 4, 8, 8, generator=g)  # (K, B, C, h, w)
+    x_t, timesteps, target, sigmas = adapter.noisy_inputs(latents, torch.Generator().manual_seed(1))
+    noise = target.view(2, 3, 4, 8, 8)[0] + latents[0]  # v = noise - x0
+    torch.testing.assert_close(noise, target.view(2, 3, 4, 8, 8)[1] + latents[1])  # one noise per group
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    theirs = sched.scale_noise(latents[0], timesteps[:3], noise)
+    torch.testing.assert_close(x_t[:3], theirs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(timesteps[:3], 1000 * sigmas, rtol=1e-5, atol=1e-3)
+    # Shift 3: sigma = 3u / (1 + 2u) of the unshifted grid u, so every sigma is at least the unshifted one.
+    u = sigmas / (3 - 2 * sigmas)
+    assert bool((sigmas >= u - 1e-6).all()) and bool(((sigmas > 0) & (sigmas <= 1)).all())
+
+
+@pytest.mark.parametrize("sampling", ["uniform", "logit_normal", "mode"])
+def test_timestep_sampling_follows_the_diffusers_density(sampling):
+    adapter = FlowAdapter(load_flow_components(SD3, shift=1.0), reference="none", timestep_sampling=sampling)
+    sigmas, _ = adapter.sample_t(4000, torch.Generator().manual_seed(0))
+    assert 0 < sigmas.min() and sigmas.max() <= 1
+    if sampling == "logit_normal":  # sigmoid(N(0, 1)): median 0.5, few samples near the ends
+        assert abs(sigmas.median().item() - 0.5) < 0.03 and (sigmas < 0.05).float().mean() < 0.02
+    if sampling == "uniform":
+        assert abs(sigmas.mean().item() - 0.5) < 0.02 and (sigmas < 0.05).float().mean() > 0.03
+
+
+def test_cosmap_weighting_multiplies_each_error():
+    comps = load_flow_components(SD3)
+    plain = FlowAdapter(comps, reference="none")
+    cosmap = FlowAdapter(comps, reference="none", weighting="cosmap")
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 2, 4, 8, 8, generator=g)
+    cond = plain.encode_text(["a red circle", "a blue square"])
+    sig = torch.tensor([0.3, 0.8])
+    e1, _, _ = plain.group_errors(comps.transformer, latents, cond, torch.Generator().manual_seed(1), False,
+                                  sigmas=sig)
+    e2, _, _ = cosmap.group_errors(comps.transformer, latents, cond, torch.Generator().manual_seed(1), False,
+                                   sigmas=sig)
+    w = 2 / (math.pi * (1 - 2 * sig + 2 * sig ** 2))
+    torch.testing.assert_close(e2, e1 * w, rtol=1e-5, atol=1e-6)
+
+
+def test_tiny_sd3_flow_dpo_starts_at_ln2_and_its_lora_reloads_through_the_pipeline(tmp_path):
+    from diffusers import DiffusionPipeline
+
+    cfg = load_train_config("configs/tiny/flow_dpo_sd3.yaml", [f"run.output_dir={tmp_path / 'run'}",
+                                                                 "train.max_steps=4", "train.progress=false"])
+    result = train(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert rows[0]["beta/effective"] == 1000.0
+    assert all(math.isfinite(r["loss"]) for r in rows) and rows[-1]["step"] == 4
+    pipe = DiffusionPipeline.from_pretrained(SD3, text_encoder_3=None, tokenizer_3=None)
+    pipe.load_lora_weights(result.outputs["lora"])
+    trained = result.module.eval()
+    pipe.transformer.eval()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 4, 16, 16, generator=g)
+    embeds, pooled = torch.randn(2, 8, 32, generator=g), torch.randn(2, 32, generator=g)
+    kw = dict(hidden_states=x, timestep=torch.tensor([300.0, 800.0]), encoder_hidden_states=embeds,
+              pooled_projections=pooled, return_dict=False)
+    with torch.no_grad():
+        ours, theirs = trained(**kw)[0], pipe.transformer(**kw)[0]
+        base = DiffusionPipeline.from_pretrained(SD3, text_encoder_3=None, tokenizer_3=None).transformer(**kw)[0]
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
+    assert (ours - base).abs().max() > 1e-4  # the LoRA trained away from the base (alpha 8 / rank 4 kept)
+
+
+def test_sft_and_the_1_minus_t_squared_schedule_run(tmp_path):
+    cfg = load_train_config("configs/tiny/flow_sft_sd3.yaml", [f"run.output_dir={tmp_path / 'sft'}",
+                                                                "train.max_steps=2", "train.progress=false"])
+    assert train(cfg).global_step == 2
+    cfg = load_train_config("configs/tiny/flow_dpo_sd3.yaml", [f"run.output_dir={tmp_path / 'sched'}",
+                                                                "train.max_steps=1", "train.progress=false",
+                                                                "method.beta_schedule=(1-t)^2"])
+    train(cfg)
+    row = json.loads((tmp_path / "sched" / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["loss"] == pytest.approx(math.log(2), abs=1e-6) and 0 < row["beta/effective"] < 1000.0
+
+
+# -- video pairs -------------------------------------------------------------------------------------------------
+
+
+def _clips(n, frames=9, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.rand(frames, size, size, 3, generator=g) * 255).to(torch.uint8).numpy() for _ in range(n)]
+
+
+def test_video_pairs_vote_over_weighted_dimensions_and_drop_ties():
+    a, b = _clips(3), _clips(3, seed=1)
+    labels = {"VQ": torch.tensor([1.0, 0.0, 1.0]), "MQ": torch.tensor([1.0, 0.0, 0.0]),
+              "TA": torch.tensor([0.0, 0.5, 0.5])}  # votes: +1 (A), -2 (B), 0 (tie)
+    batch = {"prompts": ["p0", "p1", "p2"], "labels": labels, "frames_a": a, "frames_b": b, "keys": ["0", "1", "2"]}
+    out = video_pair_batch(batch, {"VQ": 1.0, "MQ": 1.0, "TA": 1.0}, 9, 16)
+    assert out["captions"] == ["p0", "p1"] and out["ties_dropped"] == 1 and out["videos"].shape == (4, 3, 9, 16, 16)
+    assert torch.allclose(out["videos"][0, :, 0], torch.nn.functional.interpolate(
+        torch.as_tensor(a[0][:1]).permute(0, 3, 1, 2).float() / 127.5 - 1, size=(16, 16), mode="bilinear",
+        antialias=True, align_corners=False)[0])  # A won pair 0
+    only_ta = video_pair_batch(batch, {"TA": 1.0}, 9, 16)  # TA alone: B wins pair 0, pairs 1 and 2 tie
+    assert only_ta["captions"] == ["p0"] and only_ta["ties_dropped"] == 2
+    torch.testing.assert_close(only_ta["videos"][0], video_pair_batch(
+        {**batch, "frames_a": b, "frames_b": a}, {"TA": -1.0}, 9, 16)["videos"][0])
+    none = video_pair_batch({**batch, "labels": {d: torch.full((3,), 0.5) for d in labels}},
+                            {"VQ": 1.0, "MQ": 1.0, "TA": 1.0}, 9, 16)
+    assert none["videos"] is None and none["ties_dropped"] == 3
+    short = video_pair_batch({**batch, "frames_a": _clips(3, frames=5)}, {"VQ": 1.0}, 9, 16)
+    assert short["short_dropped"] == 3 and short["videos"] is None  # all three decided by VQ, all too short
+    with pytest.raises(Exception, match="fewer than data.num_frames 9"):
+        video_pair_batch({**batch, "frames_a": _clips(3, frames=5)}, {"VQ": 1.0}, 9, 16, strict=True)
+
+
+# -- bad input, before any model loads ---------------------------------------------------------------------------
+
+
+def _flow_cfg(tmp_path, **over):
+    data = {"task": "flow", "run": {"output_dir": str(tmp_path / "run")},
+            "model": {"pretrained": SD3}, "method": {"name": "flow_dpo", "beta": 100.0},
+            "data": {"shards": "assets/tiny/pairs", "resolution": 32}, "train": {"max_steps": 1}}
+    for key, value in over.items():
+        data[key] = {**data.get(key, {}), **value}
+    return validate_config(FlowTrainConfig, data)
+
+
+def test_flow_dpo_needs_an_explicit_beta():
+    with pytest.raises(ConfigError, match="method.beta is required for flow_dpo"):
+        validate_config(FlowTrainConfig, {"task": "flow", "model": {"pretrained": SD3},
+                                          "data": {"shards": "x"}, "train": {"max_steps": 1}})
+
+
+def test_a_ddpm_scheduled_model_is_refused_naming_its_scheduler(tmp_path):
+    import shutil
+
+    ddpm = tmp_path / "sd3_ddpm"
+    shutil.copytree(SD3, ddpm)
+    (ddpm / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "prediction_type": "epsilon"}))
+    with pytest.raises(ModelLoadError, match="'DDPMScheduler' .* a DDPM/DDIM-style diffusion model, not rectified"):
+        check_flow_model(str(ddpm))
+    with pytest.raises(TrainingError, match="not a flow-matching pipeline"):
+        train(_flow_cfg(tmp_path, model={"pretrained": "assets/toy/t2i"}))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_wan_frame_count_size_and_shard_schema_are_checked_before_loading(tmp_path):
+    with pytest.raises(TrainingError, match="Wan's VAE takes 4k\\+1 frames"):
+        train(_flow_cfg(tmp_path, model={"pretrained": WAN}, data={"num_frames": 8}))
+    with pytest.raises(TrainingError, match="multiple of 16"):
+        train(_flow_cfg(tmp_path, model={"pretrained": WAN}, data={"resolution": 40}))
+    with pytest.raises(Exception, match="holds 'pair' samples; wan models train on 'video_pair' shards"):
+        train(_flow_cfg(tmp_path, model={"pretrained": WAN}))
