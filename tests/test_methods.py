@@ -93,7 +93,7 @@ def test_at_policy_equals_reference_every_dpo_type_starts_where_its_formula_says
     ("mapo", "error", "ipo", 0.0, "selects a DPO variant; method 'mapo' has none"),
     ("dpo", "logp", "hinge", 0.1, "label_smoothing 0.1: only method 'dpo' with loss_type sigmoid or robust"),
     ("sft", "error", "sigmoid", 0.1, "label_smoothing 0.1"),
-    ("orpo", "logp", "sigmoid", 0.0, "valid methods are dpo, mapo, rankdpo, sft"),
+    ("orpo", "logp", "sigmoid", 0.0, "valid methods are dpo, mapo, rankdpo, flow_dpo, sft"),
 ])
 def test_what_a_method_cannot_do_is_refused_naming_the_key(name, kind, loss_type, smoothing, match):
     with pytest.raises(ValueError, match=match):
@@ -143,3 +143,17 @@ def test_each_sequence_loss_type_gets_the_surrogate_its_definition_needs():
     by_sum, _ = preference_loss("dpo", s, beta=0.1, loss_type="ipo")
     by_mean, _ = preference_loss("dpo", s.per_token(), beta=0.1, loss_type="ipo")
     assert abs(by_sum.item() - by_mean.item()) > 1e-3
+
+
+def test_flow_dpo_routes_the_flow_time_to_the_beta_schedule():
+    from mmalign.losses import flow_dpo_loss
+
+    g = torch.Generator().manual_seed(0)
+    err, ref = torch.rand(2, 3, generator=g), torch.rand(2, 3, generator=g)
+    t = torch.tensor([0.1, 0.5, 0.9])
+    s = Surrogates(-err, -ref, "error", t=t)
+    for schedule in ("constant", "(1-t)^2"):
+        loss, metrics = preference_loss("flow_dpo", s, beta=50.0, beta_schedule=schedule)
+        want, _ = flow_dpo_loss(err[0], err[1], ref[0], ref[1], 50.0, t=t, beta_schedule=schedule)
+        torch.testing.assert_close(loss, want)
+    assert metrics["beta/effective"].item() == pytest.approx(50.0 * float(((1 - t) ** 2).mean()))
