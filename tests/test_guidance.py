@@ -174,10 +174,12 @@ def test_best_of_n_keeps_the_argmax_of_the_weighted_normalised_scores(toy):
     result = best_of_n(toy, PROMPTS, SEEDS, rewards, 4, normalize="z", sampler=sampler, progress=False)
     c = result.candidates.scores
 
-    def z(s):
-        return (s.double() - s.double().mean()) / s.double().std(unbiased=False)
+    def z(s):  # over each prompt's own 4 candidates
+        g = s.double().view(3, 4)
+        std = g.std(dim=1, unbiased=False, keepdim=True)
+        return torch.where(std > 0, (g - g.mean(dim=1, keepdim=True)) / std, torch.zeros_like(g))
 
-    expected = (1.0 * z(c["toy_color"]) + 0.5 * z(c["toy_brightness"])).view(3, 4)
+    expected = 1.0 * z(c["toy_color"]) + 0.5 * z(c["toy_brightness"])
     torch.testing.assert_close(result.combined, expected)
     assert torch.equal(result.chosen, expected.argmax(1))
     for p in range(3):
@@ -187,6 +189,10 @@ def test_best_of_n_keeps_the_argmax_of_the_weighted_normalised_scores(toy):
     torch.testing.assert_close(result.candidates.images[::4], plain.images, rtol=0, atol=1e-5)
     raw = best_of_n(toy, PROMPTS, SEEDS, rewards, 4, sampler=sampler, progress=False)
     torch.testing.assert_close(raw.combined, (c["toy_color"].double() + 0.5 * c["toy_brightness"].double()).view(3, 4))
+    # A prompt's choice depends on its own candidates only: not on the other prompts, nor on the batching.
+    alone = best_of_n(toy, PROMPTS[1:2], SEEDS[1:2], rewards, 4, normalize="z", sampler=SamplerConfig(steps=4),
+                      progress=False)
+    assert int(alone.chosen[0]) == int(result.chosen[1])
 
 
 # -- config and bad input ------------------------------------------------------------------------------------
@@ -377,3 +383,140 @@ def test_pipeline_lora_loads_through_the_pipelines_own_loader(tmp_path):
     assert (got - base).abs().max() > 0.05
     with pytest.raises(Exception, match="no such file or folder"):
         load_pipeline(str(BASE_MODEL), lora=str(tmp_path / "missing"))
+
+
+# -- review follow-ups: schedulers, the move's size, resume, pre-load checks -----------------------------------
+
+
+class _SumOfLatents(torch.nn.Module):
+    """A latent reward with a known gradient: r(x_t) = sum(x_t), dr/dx_t = 1 everywhere (RMS-normalised: 1)."""
+
+    name, dims = "sum", None
+
+    def forward(self, latents, t, prompts):
+        return latents.flatten(1).sum(1, keepdim=True)
+
+
+def _sum_reward():
+    from mmalign.guidance.rewards import RewardTerm
+
+    return RewardSet([RewardTerm("sum", "sum", 1.0, _SumOfLatents(), True, None, (1.0,))])
+
+
+@pytest.mark.parametrize("kind,scheduler", [("sd15", "ddim"), ("sd15", "ddpm"), ("sd15", "euler_ancestral"),
+                                            ("sd3", "flow_euler")])
+def test_one_guided_step_moves_the_sample_by_the_noise_level_decrement(tiny_pipes, kind, scheduler):
+    """One step, reward sum(x): the guided final latents differ from the unguided ones by exactly
+    scale·(noise level before - after)·1 (flow: t - 0; DDIM with set_alpha_to_one false ends at
+    alphas_cumprod[0], not at 1)."""
+    from mmalign.guidance.pipelines import scheduler_from
+
+    pipe = load_pipeline(tiny_pipes[kind])
+    sampler = SamplerConfig(steps=1, scheduler=scheduler)
+    base = guided_sample(pipe, PROMPTS[:2], SEEDS[:2], _sum_reward(), sampler=sampler, progress=False)
+    moved = guided_sample(pipe, PROMPTS[:2], SEEDS[:2], _sum_reward(), sampler=sampler,
+                          guidance=GuidanceConfig(scale=10.0), progress=False)
+    sched = scheduler_from(pipe, scheduler)
+    sched.set_timesteps(1)
+    if kind == "sd3":
+        want = 10.0 * float(sched.sigmas[0])
+    else:
+        ac = sched.alphas_cumprod
+        t = int(sched.timesteps[0])
+        after = float(sched.final_alpha_cumprod) if scheduler == "ddim" else 1.0
+        before = 1 / (1 + float(sched.sigmas[0]) ** 2) if scheduler == "euler_ancestral" else float(ac[t])
+        want = 10.0 * ((1 - before) ** 0.5 - (1 - after) ** 0.5)
+    torch.testing.assert_close(moved.latents - base.latents, torch.full_like(base.latents, want), rtol=1e-4,
+                               atol=1e-5)
+
+
+def test_stateful_schedulers_are_refused_for_guidance_but_sample_unguided(tiny_pipes):
+    from diffusers import PNDMScheduler
+
+    pipe = load_pipeline(tiny_pipes["sd15"])
+    pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=True)  # SD 1.5's own
+    sampler = SamplerConfig(steps=3)
+    with pytest.raises(ValueError, match="PNDMScheduler keeps state between steps"):
+        guided_sample(pipe, PROMPTS[:1], SEEDS[:1], _brightness(), sampler=sampler,
+                      guidance=GuidanceConfig(scale=1.0), progress=False)
+    plain = guided_sample(pipe, PROMPTS[:1], SEEDS[:1], None, sampler=sampler, progress=False)
+    gens = [torch.Generator().manual_seed(SEEDS[0])]
+    theirs = pipe(PROMPTS[:1], num_inference_steps=3, guidance_scale=1.0, generator=gens, height=32, width=32,
+                  output_type="pt").images
+    assert torch.equal(plain.images, theirs)
+
+
+def test_v_prediction_models_sample_exactly_and_guide_upward(tmp_path):
+    from mmalign.t2i.tiny import build_tiny_sd
+
+    pipe = load_pipeline(str(build_tiny_sd(tmp_path / "v", prediction_type="v_prediction")))
+    sampler = SamplerConfig(steps=3)
+    base = guided_sample(pipe, PROMPTS, SEEDS, _brightness(), sampler=sampler, progress=False)
+    gens = [torch.Generator().manual_seed(s) for s in SEEDS]
+    assert torch.equal(base.images, pipe(PROMPTS, num_inference_steps=3, guidance_scale=1.0, generator=gens,
+                                         height=32, width=32, output_type="pt").images)
+    up = guided_sample(pipe, PROMPTS, SEEDS, _brightness(), sampler=sampler, guidance=GuidanceConfig(scale=2.0),
+                       progress=False)
+    assert (up.scores["toy_brightness"] > base.scores["toy_brightness"]).all()
+
+
+def test_a_flow_latent_reward_guides_the_flow_sampler(tiny_pipes, tmp_path):
+    from mmalign.rewards.latent import build_latent_reward
+
+    build_latent_reward(tiny_pipes["sd3"], name="flow_latent").save_pretrained(tmp_path / "rm")
+    rewards = RewardSet.load([(f"latent={tmp_path / 'rm'}", 1.0)])
+    assert rewards.terms[0].model.process == "flow"
+    pipe = load_pipeline(tiny_pipes["sd3"])
+    sampler = SamplerConfig(steps=4)
+    base = guided_sample(pipe, PROMPTS, SEEDS, rewards, sampler=sampler, progress=False)
+    up = guided_sample(pipe, PROMPTS, SEEDS, rewards, sampler=sampler, guidance=GuidanceConfig(scale=1.0),
+                       progress=False)
+    assert up.cost["denoiser_backward"] == 0
+    assert up.scores["flow_latent"].mean() > base.scores["flow_latent"].mean()
+
+
+def test_all_zero_weights_cannot_guide():
+    with pytest.raises(ConfigError, match="needs at least one reward of non-zero weight"):
+        _cfg("rewards=toy_color_soft:0", "guidance.scale=1")
+
+
+def test_cli_resume_redoes_missing_images_and_refuses_another_prompts_file(tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    out = tmp_path / "out"
+    common = ["configs/guide/toy_color.yaml", "sampler.steps=2", "--out", out]
+    assert _guide(*common, "--prompts", prompts).returncode == 0
+    first = (out / "samples.jsonl").read_text()
+    (out / "images" / "00001.png").unlink()
+    again = _guide(*common, "--prompts", prompts)
+    assert again.returncode == 0, again.stderr
+    assert json.loads((out / "summary.json").read_text())["images_this_call"] == 1
+    assert (out / "samples.jsonl").read_text() == first and (out / "images" / "00001.png").is_file()
+    other = tmp_path / "q.txt"
+    other.write_text("a yellow circle on the left\n" + "\n".join(PROMPTS[1:]) + "\n")
+    res = _guide(*common, "--prompts", other)
+    assert res.returncode == 2 and "sample 0 is 'a red circle on the left'" in res.stderr
+
+
+def test_cli_refuses_what_the_pipeline_cannot_do_before_loading_it(tmp_path):
+    import shutil
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text(PROMPTS[0] + "\n")
+    res = _guide("configs/guide/toy_color.yaml", "sampler.scheduler=flow_euler", "--prompts", prompts, "--out",
+                 tmp_path / "a")
+    assert res.returncode == 2 and "does not fit ToyT2IPipeline" in res.stderr and "Traceback" not in res.stderr
+    pndm = tmp_path / "pndm"
+    shutil.copytree(BASE_MODEL, pndm)
+    index = json.loads((pndm / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", "PNDMScheduler"]
+    (pndm / "model_index.json").write_text(json.dumps(index))
+    res = _guide("configs/guide/toy_color.yaml", f"pipeline.pretrained={pndm}", "--prompts", prompts, "--out",
+                 tmp_path / "b")
+    assert res.returncode == 2 and "PNDMScheduler, which keeps state between steps" in res.stderr
+    res = _guide("configs/guide/toy_latent.yaml", f"pipeline.pretrained={tmp_path / 'missing'}", "--prompts",
+                 prompts, "--out", tmp_path / "c")
+    assert res.returncode == 2 and "missing" in res.stderr and "Traceback" not in res.stderr
+    # A failed first call leaves no samples, so the corrected config may use the same folder.
+    assert _guide("configs/guide/toy_color.yaml", "sampler.steps=2", "--prompts", prompts, "--out",
+                  tmp_path / "a").returncode == 0

@@ -313,11 +313,13 @@ def guide_toy(out: Path, base: str, *, n_eval: int = 256, steps: int = 20,
 def _targets(report: dict, latent_scales: Sequence[float]) -> dict:
     best_latent = max((v["color_gain"], k) for k, v in report["latent"].items()
                       if k.startswith("noised/") and not k.endswith("high_noise"))
-    bo8 = report["best_of"].get("color/8") or report["best_of"].get("latent_noised/8")
+    # Best-of-8 is judged with the learned latent model as the selector: selecting by the exact colour reward
+    # would use the evaluation metric itself (an upper bound, reported beside it).
+    bo8 = report["best_of"].get("latent_noised/8")
     return {"latent_guidance_color_gain": {"value": best_latent[0], "at": best_latent[1], "target": 0.30,
                                            "met": best_latent[0] >= 0.30},
-            "best_of_8_color_gain": {"value": bo8["color_gain"] if bo8 else None, "target": 0.15,
-                                     "met": bool(bo8 and bo8["color_gain"] >= 0.15)}}
+            "best_of_8_color_gain": {"value": bo8["color_gain"] if bo8 else None, "selector": "latent_noised",
+                                     "target": 0.15, "met": bool(bo8 and bo8["color_gain"] >= 0.15)}}
 
 
 def markdown(report: dict) -> str:

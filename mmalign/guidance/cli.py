@@ -34,28 +34,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
 
-def _existing_rows(out: Path, config_text: str, overwrite: bool) -> list[dict]:
-    """Rows of a previous run of the same config in `out` (resume), or [] for a fresh folder."""
+def _existing_rows(out: Path, config_text: str, overwrite: bool, rows: list[tuple[str, int]]) -> dict[int, dict]:
+    """Rows of a previous run of the same config and prompts in `out`, by sample index (resume), or {} for a fresh
+    folder. A row whose image is gone is redone; a row whose prompt or seed differs from the prompts file now is an
+    error (another prompts file in the same folder)."""
     from mmalign.config import ConfigError
 
-    saved = out / "config.yaml"
-    rows_path = out / "samples.jsonl"
-    if overwrite or not saved.is_file():
-        if rows_path.exists() and not overwrite:
-            raise ConfigError(f"--out {out}: holds samples.jsonl but no config.yaml; pass --overwrite to replace "
-                              "it, or choose another folder")
-        return []
-    if saved.read_text() != config_text:
-        raise ConfigError(f"--out {out}: holds a run with another config ({saved}); use the same config and "
-                          "overrides to resume it, another --out, or --overwrite")
-    rows = []
-    if rows_path.is_file():
+    saved, rows_path = out / "config.yaml", out / "samples.jsonl"
+    kept: dict[int, dict] = {}
+    if rows_path.is_file() and not overwrite:
         for line in rows_path.read_text().splitlines():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:
                 break  # a row cut by an interrupted write: it and what follows are redone
-    return [r for r in rows if (out / r.get("file", "")).is_file()]
+            if isinstance(row, dict) and isinstance(row.get("index"), int) and (out / row.get("file", "")).is_file():
+                kept[row["index"]] = row
+    if overwrite or not kept:
+        return {}  # nothing to keep: the config (and prompts) may change
+    if not saved.is_file() or saved.read_text() != config_text:
+        raise ConfigError(f"--out {out}: holds samples of a run with another config ({saved}); use the same config "
+                          "and overrides to resume it, another --out, or --overwrite")
+    for index, row in sorted(kept.items()):
+        if index >= len(rows) or (row.get("prompt"), row.get("seed")) != rows[index]:
+            now = rows[index] if index < len(rows) else "no such line"
+            raise ConfigError(f"--out {out}: samples.jsonl sample {index} is {row.get('prompt')!r} seed "
+                              f"{row.get('seed')}, but the prompts file now gives {now}: another prompts file or "
+                              "seed? use another --out or --overwrite")
+    return kept
 
 
 def run(args: argparse.Namespace) -> int:
@@ -73,29 +79,32 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(config_text, end="")
         return 0
+    from mmalign.guidance.pipelines import preflight
+    from mmalign.models.loading import ModelLoadError
+
     try:
-        rows = read_prompt_rows(args.prompts, args.limit)
+        prompt_rows = read_prompt_rows(args.prompts, args.limit)
+        rows = [(p, seed if seed is not None else cfg.run.seed + i) for i, (p, seed) in enumerate(prompt_rows)]
         out = Path(args.out)
-        done = _existing_rows(out, config_text, args.overwrite)
-    except (OSError, ValueError) as err:
+        done = _existing_rows(out, config_text, args.overwrite, rows)
+        preflight(cfg)
+    except (OSError, ValueError, ModelLoadError) as err:
         print(f"mmalign guide: {err}", file=sys.stderr)
         return 2
-    from mmalign.models.loading import ModelLoadError
-    from mmalign.rewards.base import ScorerError
-
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.yaml", config_text)
     try:
         guide(cfg, rows, out, done)
-    except (ModelLoadError, ScorerError) as err:
+    except (ModelLoadError, ValueError) as err:  # ScorerError is a ValueError
         print(f"mmalign guide: {err}", file=sys.stderr)
         return 2
     print(f"mmalign guide: wrote {len(rows)} images to {out} (samples.jsonl, grid.png, summary.json)")
     return 0
 
 
-def guide(cfg, rows: list[tuple[str, int | None]], out: Path, done: list[dict]) -> None:
-    """Sample every row not already in `done`, appending images and samples.jsonl rows as each chunk finishes."""
+def guide(cfg, rows: list[tuple[str, int]], out: Path, done: dict[int, dict]) -> None:
+    """Sample every (prompt, seed) row not already in `done`, appending images and samples.jsonl rows as each chunk
+    finishes; at the end samples.jsonl is rewritten in sample order."""
     import numpy as np
     from PIL import Image
     from tqdm.auto import tqdm
@@ -113,16 +122,16 @@ def guide(cfg, rows: list[tuple[str, int | None]], out: Path, done: list[dict]) 
     rewards = RewardSet.load(cfg.rewards, device=device)
     (out / "images").mkdir(exist_ok=True)
     rows_path = out / "samples.jsonl"
-    # Rewrite the kept rows (drops a cut last line) before appending.
-    atomic_write_text(rows_path, "".join(json.dumps(r) + "\n" for r in done))
-    todo = list(range(len(done), len(rows)))
+    # Rewrite the kept rows (drops a cut last line and rows whose image is gone) before appending.
+    atomic_write_text(rows_path, "".join(json.dumps(done[i]) + "\n" for i in sorted(done)))
+    todo = [i for i in range(len(rows)) if i not in done]
     chunk = max(1, cfg.sampler.batch_size // cfg.best_of) if cfg.best_of > 1 else cfg.sampler.batch_size
     started, cost = time.time(), {}
     with open(rows_path, "a", encoding="utf-8") as fh:
         for start in tqdm(range(0, len(todo), chunk), desc="mmalign guide", unit="chunk"):
             index = todo[start:start + chunk]
             prompts = [rows[i][0] for i in index]
-            seeds = [rows[i][1] if rows[i][1] is not None else cfg.run.seed + i for i in index]
+            seeds = [rows[i][1] for i in index]
             if cfg.best_of > 1:
                 result = best_of_n(pipe, prompts, seeds, rewards, cfg.best_of, normalize=cfg.best_of_normalize,
                                    guidance=cfg.guidance, sampler=cfg.sampler, progress=False)
@@ -147,6 +156,8 @@ def guide(cfg, rows: list[tuple[str, int | None]], out: Path, done: list[dict]) 
                         for c in range(n)]
                 fh.write(json.dumps(row) + "\n")
             fh.flush()
+    ordered = sorted((json.loads(line) for line in rows_path.read_text().splitlines()), key=lambda r: r["index"])
+    atomic_write_text(rows_path, "".join(json.dumps(r) + "\n" for r in ordered))
     _write_report(out, rows_path, cost, time.time() - started, len(todo), cfg)
 
 
@@ -162,7 +173,8 @@ def _write_report(out: Path, rows_path: Path, cost: dict, seconds: float, sample
     summary = {
         "images": len(rows),
         "mean_scores": {c: float(np.mean([r["scores"][c] for r in rows if c in r["scores"]])) for c in columns},
-        "cost_per_image": {**cost, "best_of": cfg.best_of},
+        # passes per kept image: every candidate of best-of-N costs the same
+        "cost_per_image": {k: v * cfg.best_of for k, v in cost.items()}, "best_of": cfg.best_of,
         "seconds_this_call": round(seconds, 2), "images_this_call": sampled,
     }
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")

@@ -82,17 +82,21 @@ def parse_reward_list(text: str) -> list[dict]:
 
 class GuidanceConfig(StrictModel):
     scale: float = Field(0.0, description="Gradient guidance scale: 0 = plain unguided sampling (bit for bit); "
-                                          "negative lowers the reward. Diffusion: eps <- eps - sqrt(1-abar)·scale·g; "
-                                          "flow: v <- v - scale·g, with g the gradient of the weighted reward.")
+                                          "negative lowers the reward. Each guided step moves the sample by "
+                                          "scale x (its decrease in noise level) x g, g the (normalised) gradient of "
+                                          "the weighted reward at x_t (flow: v <- v - scale·g); over a full window "
+                                          "with every 1 the moves add up to scale.")
     window: tuple[float, float] = Field((0.0, 1.0), description="[t_lo, t_hi]: guide only where the noise level "
                                                                 "t (1 = pure noise, 0 = clean) lies in it.")
-    every: int = Field(1, gt=0, description="Guide every N-th step inside the window.")
+    every: int = Field(1, gt=0, description="Guide every N-th step inside the window, from its first step (the "
+                                            "total move is then about scale / N).")
     normalize: bool = Field(True, description="Divide each sample's gradient by its root mean square, so the scale "
                                               "means the same for every reward and noise level.")
     grad_through: Literal["model", "x0"] = Field(
         "model", description="Pixel/x0 rewards: backpropagate through the denoiser (exact gradient of r(x0(x_t))), "
-                             "or treat the prediction as fixed (d x0 / d x_t = 1/sqrt(abar) or 1 for flow; no "
-                             "denoiser backward, cheaper). Latent rewards never need the denoiser's backward.")
+                             "or hold the predicted noise (diffusion: d x0 / d x_t = 1/sqrt(abar)) or velocity "
+                             "(flow: 1) fixed, with no denoiser backward (cheaper). Latent rewards never need the "
+                             "denoiser's backward.")
     checkpoint_decode: bool = Field(False, description="Recompute the VAE decode in the backward pass instead of "
                                                        "storing its activations (large images).")
 
@@ -116,8 +120,9 @@ class GuideConfig(StrictModel):
     best_of: int = Field(1, ge=1, description="Best-of-N: N candidates per prompt (candidate 0 has the prompt's own "
                                               "seed), the one with the highest weighted score is kept.")
     best_of_normalize: Literal["none", "z"] = Field(
-        "none", description="Best-of-N: z-normalise each reward dimension over all candidates of the call before "
-                            "weighting (as VideoReward does before summing VQ/MQ/TA).")
+        "none", description="Best-of-N: z-normalise each reward dimension over the prompt's own N candidates before "
+                            "weighting (as VideoReward does before summing VQ/MQ/TA); with N = 2 that is a vote "
+                            "per reward, so use N >= 3.")
 
     @field_validator("rewards", mode="before")
     @classmethod
@@ -136,6 +141,9 @@ def check_rewards(cfg: GuideConfig) -> None:
     from mmalign.rewards.base import ScorerError
     from mmalign.rewards.registry import is_differentiable, scorer_kind
 
+    if cfg.guidance.scale != 0 and all(r.weight == 0 for r in cfg.rewards):
+        raise ValueError(f"guidance.scale {cfg.guidance.scale} needs at least one reward of non-zero weight (every "
+                         "reward weighs 0)")
     for i, r in enumerate(cfg.rewards):
         try:
             kind = scorer_kind(r.scorer)

@@ -16,7 +16,6 @@ Classifier-free guidance runs on the batch `[negative; prompt]` as those pipelin
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -149,6 +148,7 @@ def predict(pipe, x: Tensor, t: Tensor, cond: Conditioning, cfg_scale: float) ->
     `uncond + cfg_scale·(text - uncond)` when `cond.cfg`. `x` is the model input (already scaled by
     `scheduler.scale_model_input`); `t` is the scheduler's timestep."""
     model = denoiser(pipe)
+    x = x.to(model.dtype)  # differentiable: a float32 leaf's gradient flows back through the cast
     x_in = torch.cat([x, x]) if cond.cfg else x
     if family(pipe) == "flow":
         out = model(hidden_states=x_in, timestep=t.expand(x_in.shape[0]), return_dict=False, **cond.kwargs)[0]
@@ -192,9 +192,42 @@ def scheduler_from(pipe, name: str):
     return classes[name].from_config(pipe.scheduler.config)
 
 
-def model_index_class(pretrained: str, revision: str | None = None) -> str | None:
-    """The pipeline class a folder / hub id names, read without loading any weights (None if unreadable)."""
-    try:
-        return read_model_index(pretrained, revision).get("_class_name")
-    except (ModelLoadError, json.JSONDecodeError, OSError):
-        return None
+def preflight(cfg) -> None:
+    """What a guide config asks of its pipeline, checked from model_index.json and the reward folders' scorer cards
+    before any weights load: a supported pipeline class, a scheduler of its family that guidance can move (when
+    guiding), the toy's fixed size, and noisy-latent reward models trained on the pipeline's noising process."""
+    from mmalign.rewards.clip import read_scorer_card
+    from mmalign.rewards.registry import scorer_kind
+    from mmalign.samplers.diffusion import GUIDABLE
+
+    p, smp = cfg.pipeline, cfg.sampler
+    index = read_model_index(p.pretrained, p.revision)
+    name = index.get("_class_name")
+    if name not in SUPPORTED:
+        raise ModelLoadError(f"pipeline.pretrained {p.pretrained}: pipeline class {name!r} is not supported by "
+                             f"guidance; supported: {', '.join(SUPPORTED)}")
+    fam = "flow" if name in FLOW_PIPELINES else "diffusion"
+    if smp.scheduler != "pipeline" and (smp.scheduler == "flow_euler") != (fam == "flow"):
+        raise ValueError(f"sampler.scheduler {smp.scheduler!r} does not fit {name} ({fam}): use "
+                         + ("flow_euler or pipeline" if fam == "flow" else "ddim, ddpm, euler_ancestral or pipeline"))
+    own = (index.get("scheduler") or [None, None])[1]
+    if cfg.guidance.scale != 0 and fam == "diffusion" and smp.scheduler == "pipeline" and own not in GUIDABLE:
+        raise ValueError(f"sampler.scheduler 'pipeline' is {name}'s {own}, which keeps state between steps and "
+                         f"would drop or distort the guidance move; guidance samples with {', '.join(GUIDABLE)}: "
+                         "set sampler.scheduler to ddim, ddpm or euler_ancestral")
+    if name == "ToyT2IPipeline":
+        for key in ("height", "width"):
+            if getattr(smp, key) not in (None, 32):
+                raise ValueError(f"sampler.{key} {getattr(smp, key)}: the toy pixel-space model generates 32x32 only")
+    want = "flow" if fam == "flow" else "ddpm"
+    for i, r in enumerate(cfg.rewards):
+        if scorer_kind(r.scorer) != "latent":
+            continue
+        folder = r.scorer.partition("=")[2] if r.scorer.startswith("latent=") else r.scorer
+        card = read_scorer_card(folder) if Path(folder).is_dir() else None
+        if card is None:
+            raise ValueError(f"rewards[{i}] {r.scorer!r}: {folder} is not a noisy-latent reward model folder (no "
+                             "mmalign_scorer.json)")
+        if card.get("process") != want:
+            raise ValueError(f"rewards[{i}] {r.scorer!r} was trained on {card.get('process')!r} noisy latents, but "
+                             f"{name} samples with a {want!r} process")

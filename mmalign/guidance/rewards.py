@@ -135,16 +135,20 @@ class RewardSet:
     def column_weights(self) -> dict[str, float]:
         return {c: term.weight * w for term in self.terms for c, w in zip(term.columns, term.dim_weights)}
 
-    def combine(self, scores: dict[str, Tensor], normalize: str = "none") -> Tensor:
-        """(N,) `sum_c weight_c · s_c`, with `s_c` each column's scores, z-normalised over the N samples first
-        when `normalize` is "z" (a column with zero spread contributes 0)."""
+    def combine(self, scores: dict[str, Tensor], normalize: str = "none", group: int | None = None) -> Tensor:
+        """(N,) `sum_c weight_c · s_c` over the reward columns. With `normalize` "z", each column is z-normalised
+        first within each consecutive group of `group` samples (a prompt's best-of-N candidates; default: all N
+        samples are one group), so a choice never depends on the other prompts or on how they were batched; a
+        column with zero spread in a group contributes 0 there."""
+        if normalize not in ("none", "z"):
+            raise ValueError(f"normalize {normalize!r}: use 'none' or 'z'")
         total = None
         for column, weight in self.column_weights().items():
             s = scores[column].double()
             if normalize == "z":
-                std = s.std(unbiased=False)
-                s = (s - s.mean()) / std if std > 0 else torch.zeros_like(s)
-            elif normalize != "none":
-                raise ValueError(f"normalize {normalize!r}: use 'none' or 'z'")
+                g = s.view(-1, group or s.numel())
+                std = g.std(dim=1, unbiased=False, keepdim=True)
+                s = torch.where(std > 0, (g - g.mean(dim=1, keepdim=True)) / std.clamp_min(1e-300),
+                                torch.zeros_like(g)).view(-1)
             total = weight * s if total is None else total + weight * s
         return total

@@ -82,8 +82,19 @@ def candidate_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1, dtype=np.uint32)[0])
 
 
-def _in_window(g: GuidanceConfig, step: int, t: float) -> bool:
-    return g.scale != 0 and step % g.every == 0 and g.window[0] <= t <= g.window[1]
+class _Window:
+    """Which steps are guided: those whose noise level t lies in `guidance.window`, every `guidance.every`-th of
+    them counting from the first step inside the window."""
+
+    def __init__(self, g: GuidanceConfig):
+        self.g, self.seen = g, 0
+
+    def __call__(self, t: float) -> bool:
+        g = self.g
+        if g.scale == 0 or not g.window[0] <= t <= g.window[1]:
+            return False
+        self.seen += 1
+        return (self.seen - 1) % g.every == 0
 
 
 def _normalised(grad: Tensor, normalize: bool) -> Tensor:
@@ -130,31 +141,32 @@ def _diffusion_batch(pipe, scheduler, prompts: list[str], generators: list[torch
     x = x * scheduler.init_noise_sigma
     step_kwargs = _step_kwargs(scheduler, generators, s.eta)
     prediction_type = scheduler.config.prediction_type
-    num_train = scheduler.config.num_train_timesteps
     abars = vp.abar_schedule(scheduler)
+    guided = _Window(g)
     passes = 2 if cfg else 1
     for i, t in enumerate(scheduler.timesteps):
         model_in = scheduler.scale_model_input(x, t)
-        t_frac = float(t) / num_train
+        t_frac = vp.noise_time(scheduler, abars[i])
         cost["denoiser_forward"] += passes
         grad = None
-        if not _in_window(g, i, t_frac):
+        if not guided(t_frac):
             with torch.no_grad():
                 pred = predict(pipe, model_in, t, cond, s.cfg_scale)
         else:
             abar = abars[i]
             through_model = rewards.needs_pixels() and g.grad_through == "model"
             with torch.enable_grad():
-                x_t = model_in.detach().requires_grad_(True)
+                # A float32 leaf: the gradient of a reward through a half-precision model loses small entries.
+                x_t = model_in.detach().float().requires_grad_(True)
                 if through_model:
                     pred = predict(pipe, x_t, t, cond, s.cfg_scale)
-                    x0 = vp.predicted_x0(pred, x_t, abar, prediction_type)
+                    x0 = vp.predicted_x0(pred.float(), x_t, abar, prediction_type)
                     cost["denoiser_backward"] += passes
                 else:
                     with torch.no_grad():
                         pred = predict(pipe, model_in, t, cond, s.cfg_scale)
-                    # The prediction held fixed: x0 = (x_t - sqrt(1 - abar)·eps) / sqrt(abar), eps constant.
-                    eps = vp.to_epsilon(pred, model_in, abar, prediction_type)
+                    # The noise held fixed: x0 = (x_t - sqrt(1 - abar)·eps) / sqrt(abar), d x0 / d x_t = 1/sqrt(abar).
+                    eps = vp.to_epsilon(pred.float(), model_in.float(), abar, prediction_type)
                     x0 = (x_t - (1 - abar) ** 0.5 * eps) / abar ** 0.5
                 images = None
                 if rewards.needs_pixels():
@@ -194,24 +206,25 @@ def _flow_batch(pipe, scheduler, prompts: list[str], generators: list[torch.Gene
                                        c.get("max_image_seq_len", 4096), c.get("base_shift", 0.5),
                                        c.get("max_shift", 1.16))
     scheduler.set_timesteps(s.steps, device=device, **kwargs)
+    guided = _Window(g)
     passes = 2 if cfg else 1
     for i, t in enumerate(scheduler.timesteps):
         sigma = float(scheduler.sigmas[i])
         cost["denoiser_forward"] += passes
-        if not _in_window(g, i, sigma):
+        if not guided(sigma):
             with torch.no_grad():
                 v = predict(pipe, x, t, cond, s.cfg_scale)
         else:
             through_model = rewards.needs_pixels() and g.grad_through == "model"
             with torch.enable_grad():
-                x_t = x.detach().requires_grad_(True)
+                x_t = x.detach().float().requires_grad_(True)
                 if through_model:
                     v = predict(pipe, x_t, t, cond, s.cfg_scale)
                     cost["denoiser_backward"] += passes
                 else:
                     with torch.no_grad():
                         v = predict(pipe, x, t, cond, s.cfg_scale)
-                x0 = flow.predicted_x0(v, x_t, sigma)
+                x0 = flow.predicted_x0(v.float(), x_t, sigma)
                 images = None
                 if rewards.needs_pixels():
                     images = _decode_for_reward(pipe, x0, g.checkpoint_decode)
@@ -219,7 +232,7 @@ def _flow_batch(pipe, scheduler, prompts: list[str], generators: list[torch.Gene
                 t_vec = torch.full((x_t.shape[0],), sigma, device=device)
                 objective = rewards.objective(prompts, images, x_t, t_vec)
                 (grad,) = torch.autograd.grad(objective.sum(), x_t)
-            v = flow.guided_velocity(v.detach(), _normalised(grad, g.normalize), g.scale)
+            v = flow.guided_velocity(v.detach(), _normalised(grad, g.normalize), g.scale).to(v.dtype)
         x = scheduler.step(v, t, x, return_dict=False)[0]
     with torch.no_grad():
         return decode(pipe, x), x
@@ -239,13 +252,15 @@ def guided_sample(pipe, prompts: list[str], seeds: list[int], rewards: RewardSet
     s = sampler or SamplerConfig()
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds; give one seed per sample")
-    if g.scale != 0:
-        if rewards is None:
-            raise ValueError(f"guidance.scale {g.scale} needs rewards")
-        rewards.check_guidable()
-        _check_latent_process(pipe, rewards)
     run = _flow_batch if family(pipe) == "flow" else _diffusion_batch
     scheduler = scheduler_from(pipe, s.scheduler)
+    if g.scale != 0:
+        if rewards is None or not rewards.active:
+            raise ValueError(f"guidance.scale {g.scale} needs at least one reward of non-zero weight")
+        rewards.check_guidable()
+        _check_latent_process(pipe, rewards)
+        if family(pipe) == "diffusion":
+            vp.check_guidable(scheduler)
     device = denoiser(pipe).device
     cost = {"denoiser_forward": 0, "denoiser_backward": 0, "decoder_backward": 0}
     images, latents, scores = [], [], []
@@ -279,14 +294,16 @@ def best_of_n(pipe, prompts: list[str], seeds: list[int], rewards: RewardSet, n:
               progress: bool = True) -> BestOfN:
     """N candidates per prompt (candidate j seeded `candidate_seed(seed, j)`, so candidate 0 is what
     `guided_sample` gives for that seed), each scored by every reward; the kept one maximises the weighted score
-    `RewardSet.combine` (z-normalised per dimension over all candidates of the call with normalize="z"). Any
-    scorer works, differentiable or not; with `guidance.scale != 0` every candidate is also guided."""
+    `RewardSet.combine` (z-normalised per dimension with normalize="z"). Any
+    scorer works, differentiable or not; with `guidance.scale != 0` every candidate is also guided. z is taken over
+    each prompt's own N candidates (so the choice does not depend on the other prompts or the batching; with N = 2
+    every column's z is +-1, a vote per reward: use N >= 3 for the spread to count)."""
     if n < 1:
         raise ValueError(f"best_of must be >= 1, got {n}")
     cand_prompts = [p for p in prompts for _ in range(n)]
     cand_seeds = [candidate_seed(seed, j) for seed in seeds for j in range(n)]
     candidates = guided_sample(pipe, cand_prompts, cand_seeds, rewards, guidance=guidance, sampler=sampler,
                                progress=progress)
-    combined = rewards.combine(candidates.scores, normalize).view(len(prompts), n)
+    combined = rewards.combine(candidates.scores, normalize, group=n).view(len(prompts), n)
     chosen = combined.argmax(dim=1)
     return BestOfN(candidates.select(torch.arange(len(prompts)) * n + chosen), candidates, combined, chosen)

@@ -18,19 +18,57 @@ from torch import Tensor
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
+# Schedulers whose `step` is one memoryless move from x_t to x_next, so a displacement of x_next is what the next
+# step sees. Multistep / two-stage schedulers (PNDM, Heun, KDPM2, DPM-Solver, UniPC, DEIS) keep samples or
+# model outputs between calls and would drop or distort it; guidance refuses them (`check_guidable`).
+VP_SCHEDULERS = ("DDIMScheduler", "DDPMScheduler")
+SIGMA_SCHEDULERS = ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler")
+GUIDABLE = VP_SCHEDULERS + SIGMA_SCHEDULERS
+
+
+def check_guidable(scheduler) -> None:
+    """ValueError naming the scheduler class when reward guidance cannot move its samples (see GUIDABLE)."""
+    name = type(scheduler).__name__
+    if name not in GUIDABLE:
+        raise ValueError(f"sampler.scheduler: {name} keeps state between steps (multistep or two-stage), which would "
+                         f"drop or distort the guidance move; guidance samples with {', '.join(GUIDABLE)}: set "
+                         "sampler.scheduler to ddim, ddpm or euler_ancestral")
+
+
 def sigma_space(scheduler) -> bool:
-    """Whether the scheduler's sample is `x0 + sigma·eps` (Euler-style, with `sigmas`) rather than the
-    variance-preserving `x_t` (DDPM, DDIM)."""
-    return getattr(scheduler, "sigmas", None) is not None
+    """Whether the scheduler's sample is `x0 + sigma·eps` (Euler-style) rather than the variance-preserving `x_t`
+    (DDPM, DDIM). By class: DPM-Solver / UniPC also carry `sigmas` but sample in VP space."""
+    return type(scheduler).__name__ in SIGMA_SCHEDULERS
 
 
 def abar_schedule(scheduler) -> list[float]:
-    """abar at the input of each sampling step, and after the last one (len(timesteps) + 1 values, the last 1.0
-    = clean), after `set_timesteps`: `alphas_cumprod[t]` for DDPM/DDIM, `1 / (1 + sigma^2)` for sigma-space
-    schedulers."""
+    """abar at the input of each sampling step and after the last one (len(timesteps) + 1 values), after
+    `set_timesteps`, as the scheduler's own step computes them: `1 / (1 + sigma^2)` for sigma-space schedulers
+    (the last sigma is 0: clean); for DDIM the previous timestep `t - T // steps` (below 0: `final_alpha_cumprod`,
+    which is `alphas_cumprod[0]` unless `set_alpha_to_one`); for DDPM `previous_timestep(t)` (below 0: 1)."""
     if sigma_space(scheduler):
-        return [1.0 / (1.0 + float(s) ** 2) for s in scheduler.sigmas[: len(scheduler.timesteps)]] + [1.0]
-    return [float(scheduler.alphas_cumprod[int(t)]) for t in scheduler.timesteps] + [1.0]
+        return [1.0 / (1.0 + float(s) ** 2) for s in scheduler.sigmas[: len(scheduler.timesteps) + 1]]
+    ac = scheduler.alphas_cumprod
+    out = [float(ac[int(t)]) for t in scheduler.timesteps]
+    last = int(scheduler.timesteps[-1])
+    if type(scheduler).__name__ == "DDIMScheduler":
+        prev = last - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+        final = float(ac[prev]) if prev >= 0 else float(scheduler.final_alpha_cumprod)
+    elif hasattr(scheduler, "previous_timestep"):
+        prev = int(scheduler.previous_timestep(last))
+        final = float(ac[prev]) if prev >= 0 else 1.0
+    else:
+        final = 1.0
+    return out + [final]
+
+
+def noise_time(scheduler, abar: float) -> float:
+    """The noise level as a training time in [0, 1]: `k / T` for the training timestep k whose abar is nearest
+    (exactly `t / T` for DDPM/DDIM's integer timesteps; the sigma-space schedulers' continuous or fractional
+    timesteps map onto the same grid a noisy-latent reward model was trained on)."""
+    ac = scheduler.alphas_cumprod
+    k = int(torch.argmin((ac - abar).abs()))
+    return k / len(ac)
 
 
 def _check(prediction_type: str) -> None:
