@@ -9,6 +9,7 @@ method means the same on every modality and logs the same names:
 | `mapo` | pairs | no | error | `mapo_loss` |
 | `rankdpo` | ranked lists | yes | error | `ranked_dpo_loss` |
 | `flow_dpo` | pairs | yes | error | `flow_dpo_loss` (Flow-DPO: Diffusion-DPO on velocity errors, `beta_schedule` constant or (1-t)^2) |
+| `flow_rwr` | items with rewards | no | error | `rwr_loss` (Flow-RWR: errors weighted by `softmax(r / τ)` over the batch) |
 | `sft` | winners | no | error, logp | mean error of the winners / their negative log-likelihood |
 
 `loss_type` picks a DPO variant (`mmalign.losses.DPO_LOSS_TYPES`, TRL's names) for `dpo`; `label_smoothing` is
@@ -27,6 +28,7 @@ Metric names (TRL's, the same for every modality; `loss` is added by the loop):
 - rankdpo: `rewards/margins`, `rewards/accuracies`, `ranked/num_pairs`, `ranked/prompts_with_pairs`, `mse/policy`,
   `mse/ref`;
 - flow_dpo: dpo's names and `beta/effective` (the mean per-pair β);
+- flow_rwr: `rwr/weight_max`, `rwr/ess` (effective sample size of the weights), `rewards/mean`, `mse/policy`;
 - sft: `mse/policy_chosen`, `mse/policy_rejected` (error) or `logps/chosen` (logp).
 """
 
@@ -37,7 +39,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mmalign.losses import DPO_LOSS_TYPES, diffusion_dpo_loss, dpo_loss, flow_dpo_loss, mapo_loss, ranked_dpo_loss
+from mmalign.losses import (DPO_LOSS_TYPES, diffusion_dpo_loss, dpo_loss, flow_dpo_loss, mapo_loss, ranked_dpo_loss,
+                            rwr_loss)
 from mmalign.models.contract import Surrogates
 
 
@@ -61,6 +64,8 @@ METHODS: dict[str, Method] = {
     "rankdpo": Method("rankdpo", "ranked", True, ("error",), {"error": 5000.0}),
     # Flow-DPO has no published β on mean velocity errors that transfers between models: recipes set it.
     "flow_dpo": Method("flow_dpo", "pair", True, ("error",), {}),
+    # RWR has no β: its temperature τ is on the scale of the rewards.
+    "flow_rwr": Method("flow_rwr", "scored", False, ("error",), {}),
     "sft": Method("sft", "pair", False, ("error", "logp"), {"error": 1.0, "logp": 1.0}),
 }
 
@@ -109,12 +114,14 @@ def check_method(name: str, kind: str, loss_type: str = "sigmoid", label_smoothi
 
 def preference_loss(name: str, s: Surrogates, *, beta: float, loss_type: str = "sigmoid",
                     label_smoothing: float = 0.0, scores: Tensor | None = None, rank_weighting: str = "lambda",
-                    mapo_snr_value: float = 0.5, beta_schedule: str = "constant") -> tuple[Tensor, dict[str, Tensor]]:
+                    mapo_snr_value: float = 0.5, beta_schedule: str = "constant", rewards: Tensor | None = None,
+                    temperature: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
     """One micro-batch's (loss, metrics) for method `name` on the surrogates `s` ((K, B), row 0 the winners).
 
     beta: the method's β on the scale of `s` (see `METHODS[name].default_beta`).
     scores: (B, K) preference scores of ranked lists (rankdpo; higher = preferred).
     beta_schedule: flow_dpo's per-pair β (`mmalign.losses.FLOW_BETA_SCHEDULES`), from the surrogates' flow time t.
+    rewards, temperature: flow_rwr's (K, B) reward of every item (weighted over its dimensions) and τ.
     """
     method = check_method(name, s.kind, loss_type, label_smoothing)
     if method.needs_reference and s.reference is None:
@@ -128,6 +135,10 @@ def preference_loss(name: str, s: Surrogates, *, beta: float, loss_type: str = "
     if name == "flow_dpo":
         err, ref = s.errors, s.reference_errors
         return flow_dpo_loss(err[0], err[1], ref[0], ref[1], beta, t=s.t, beta_schedule=beta_schedule)
+    if name == "flow_rwr":
+        if rewards is None:
+            raise ValueError("method 'flow_rwr' needs the (K, B) reward of every item")
+        return rwr_loss(s.errors.reshape(-1), rewards.to(s.policy.device).reshape(-1), temperature)
     if name == "mapo":
         if s.num_train_timesteps is None:
             raise ValueError("method 'mapo' needs the noise scheduler's num_train_timesteps in the surrogates")

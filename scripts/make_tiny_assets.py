@@ -8,6 +8,9 @@
 - `pairs/`: `pair` shards from the toy world: for each sampled caption, one scene it describes and one that
   differs only in colour; the ground-truth total reward decides the label (winner first is not assumed:
   positions are shuffled, `label_0` says which image won).
+- `video_pairs/`: `video_pair` shards of toy clips (`mmalign.toy.video`, 9 frames at 32x32, lossless mp4): each
+  caption's clip against the same clip in another colour or a clip moving the opposite way, labelled per dimension (VQ / MQ / TA)
+  by the simulated video annotator on the ground-truth rewards.
 - `ranked/`: `ranked` shards: K=4 scenes per caption (the right one and three recoloured), scored with the
   ground-truth total reward.
 
@@ -66,7 +69,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--pairs", type=int, default=256)
     ap.add_argument("--ranked", type=int, default=64)
-    ap.add_argument("--only", default="sd15,sdxl,sd3,wan,pairs,ranked", help="comma-separated parts to (re)build")
+    ap.add_argument("--video-pairs", type=int, default=32)
+    ap.add_argument("--only", default="sd15,sdxl,sd3,wan,pairs,ranked,video_pairs",
+                    help="comma-separated parts to (re)build")
     args = ap.parse_args()
     parts = {p.strip() for p in args.only.split(",")}
     from mmalign.t2i.tiny import build_tiny_sd
@@ -84,7 +89,36 @@ def main() -> None:
         write_pairs(out, args)
     if "ranked" in parts:
         write_ranked(out, args)
+    if "video_pairs" in parts:
+        write_video_pairs(out, args)
     print(f"wrote {out}")
+
+
+def write_video_pairs(out: Path, args) -> None:
+    from mmalign.toy.scenes import COLORS
+    from mmalign.toy.video import sample_clip
+    from mmalign.toy.video_annotator import label_video_pairs, write_video_pair_shards
+    from mmalign.toy.video_rewards import video_rewards
+
+    rng = np.random.default_rng(args.seed + 2)
+    good, bad, prompts = [], [], []
+    for _ in range(args.video_pairs):
+        clip = sample_clip(rng)
+        other = [c for c in COLORS if c != clip.color][rng.integers(len(COLORS) - 1)]
+        flipped = {"left": "right", "right": "left", "up": "down", "down": "up"}.get(clip.direction)
+        # Another direction means another start: a fresh clip of the flipped caption (same colour and shape).
+        changed = (sample_clip(rng, caption=clip.caption.replace(clip.direction, flipped))
+                   if flipped and rng.random() < 0.5 else dataclasses.replace(clip, color=other))
+        good.append(clip.render())
+        bad.append(changed.render())
+        prompts.append(clip.caption)
+    a, b = np.stack(good), np.stack(bad)
+    swap = rng.random(len(prompts)) < 0.5  # the preferred clip is A or B at random
+    a[swap], b[swap] = b[swap].copy(), a[swap].copy()
+    ra, rb = video_rewards(a, prompts), video_rewards(b, prompts)
+    labels = label_video_pairs(ra, rb, rng)
+    write_video_pair_shards(out / "video_pairs", a, b, prompts, labels, rewards_a=ra, rewards_b=rb,
+                            max_count=16, overwrite=True)
 
 
 def write_pairs(out: Path, args) -> None:

@@ -171,3 +171,69 @@ def test_wan_frame_count_size_and_shard_schema_are_checked_before_loading(tmp_pa
         train(_flow_cfg(tmp_path, model={"pretrained": WAN}, data={"resolution": 40}))
     with pytest.raises(Exception, match="holds 'pair' samples; wan models train on 'video_pair' shards"):
         train(_flow_cfg(tmp_path, model={"pretrained": WAN}))
+
+
+def test_tiny_wan_flow_dpo_on_toy_video_pairs_reloads_through_wan_pipeline(tmp_path):
+    from diffusers import WanPipeline
+
+    cfg = load_train_config("configs/tiny/flow_dpo_wan.yaml", [f"run.output_dir={tmp_path / 'run'}",
+                                                                 "train.max_steps=3", "train.progress=false"])
+    result = train(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and len(rows) == 3
+    pipe = WanPipeline.from_pretrained(WAN)
+    pipe.load_lora_weights(result.outputs["lora"])
+    g = torch.Generator().manual_seed(0)
+    kw = dict(hidden_states=torch.randn(1, 16, 3, 4, 4, generator=g), timestep=torch.tensor([500.0]),
+              encoder_hidden_states=torch.randn(1, 8, 16, generator=g), return_dict=False)
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.transformer.eval()(**kw)[0], result.module.eval()(**kw)[0], rtol=1e-4,
+                                   atol=1e-5)
+
+
+def test_the_toy_video_pipeline_is_a_flow_model_in_pixel_space(tmp_path):
+    from mmalign.methods import preference_loss
+    from mmalign.toy.video_pipeline import build_toy_video
+
+    build_toy_video(seed=0).save_pretrained(tmp_path / "toy_video")
+    comps = load_flow_components(str(tmp_path / "toy_video"))
+    assert comps.family == "toy_video" and comps.vae is None
+    adapter = FlowAdapter(comps, reference="copy")
+    g = torch.Generator().manual_seed(0)
+    videos = torch.rand(4, 3, 9, 32, 32, generator=g) * 2 - 1
+    s = adapter.surrogates(comps.transformer, {"videos": videos, "captions": ["a red circle moving left"] * 2},
+                           torch.Generator().manual_seed(1), with_reference=True)
+    loss, _ = preference_loss("flow_dpo", s, beta=100.0)
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
+    # pixel space: the latents are the clips themselves
+    torch.testing.assert_close(adapter.encode(videos), videos)
+
+
+@pytest.mark.parametrize("recipe", ["flow_rwr_wan", "flow_sft_wan"])
+def test_wan_rwr_and_sft_recipes_train(tmp_path, recipe):
+    cfg = load_train_config(f"configs/tiny/{recipe}.yaml", [f"run.output_dir={tmp_path / 'run'}",
+                                                             "train.max_steps=2", "train.progress=false"])
+    result = train(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert result.global_step == 2 and all(math.isfinite(r["loss"]) for r in rows)
+    if recipe == "flow_rwr_wan":  # both clips of each pair weighted: 4 items of 2 pairs
+        assert 1 <= rows[0]["rwr/ess"] <= 4 and rows[0]["rwr/weight_max"] >= 1
+
+
+def test_flow_rwr_reads_rewards_from_the_shards_and_names_a_missing_field():
+    import torch
+
+    from mmalign.flow.task import pair_item_rewards
+
+    batch = {"keys": ["k0", "k1"], "winner_index": torch.tensor([0, 1]),
+             "extra": [{"rewards": [0.9, 0.1]}, {"rewards": [0.2, 0.7]}]}
+    torch.testing.assert_close(pair_item_rewards(batch), torch.tensor([[0.9, 0.7], [0.1, 0.2]]))
+    with pytest.raises(Exception, match="k1: method flow_rwr needs the pair's 'rewards' field"):
+        pair_item_rewards({**batch, "extra": [{"rewards": [0.9, 0.1]}, {}]})
+    a, b = _clips(1), _clips(1, seed=1)
+    vp = {"prompts": ["p"], "labels": {"VQ": torch.tensor([0.5])}, "frames_a": a, "frames_b": b, "keys": ["v0"],
+          "extra": [{"rewards_a": {"VQ": 0.3, "TA": 1.0}, "rewards_b": {"VQ": 0.5, "TA": 0.0}}]}
+    out = video_pair_batch(vp, {"VQ": 1.0, "TA": 2.0}, 9, 16, rewards=True)  # a tie is kept for RWR
+    torch.testing.assert_close(out["item_rewards"], torch.tensor([[2.3], [0.5]]))
+    with pytest.raises(Exception, match="v0: method flow_rwr needs per-dimension rewards"):
+        video_pair_batch({**vp, "extra": [{}]}, {"VQ": 1.0}, 9, 16, rewards=True)

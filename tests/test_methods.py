@@ -93,7 +93,7 @@ def test_at_policy_equals_reference_every_dpo_type_starts_where_its_formula_says
     ("mapo", "error", "ipo", 0.0, "selects a DPO variant; method 'mapo' has none"),
     ("dpo", "logp", "hinge", 0.1, "label_smoothing 0.1: only method 'dpo' with loss_type sigmoid or robust"),
     ("sft", "error", "sigmoid", 0.1, "label_smoothing 0.1"),
-    ("orpo", "logp", "sigmoid", 0.0, "valid methods are dpo, mapo, rankdpo, flow_dpo, sft"),
+    ("orpo", "logp", "sigmoid", 0.0, "valid methods are dpo, mapo, rankdpo, flow_dpo, flow_rwr, sft"),
 ])
 def test_what_a_method_cannot_do_is_refused_naming_the_key(name, kind, loss_type, smoothing, match):
     with pytest.raises(ValueError, match=match):
@@ -107,9 +107,10 @@ def test_methods_that_need_a_reference_refuse_surrogates_without_one():
         if spec.needs_reference:
             with pytest.raises(ValueError, match="needs reference surrogates"):
                 preference_loss(name, no_ref, beta=1.0, scores=torch.zeros(6, 2))
-        else:  # mapo and sft need none: the same values as with a reference present
-            loss, _ = preference_loss(name, no_ref, beta=0.1)
-            with_ref, _ = preference_loss(name, s, beta=0.1)
+        else:  # mapo, flow_rwr and sft need none: the same values as with a reference present
+            extra = {"rewards": torch.arange(s.policy.numel(), dtype=torch.float32).view(s.policy.shape)}
+            loss, _ = preference_loss(name, no_ref, beta=0.1, **extra)
+            with_ref, _ = preference_loss(name, s, beta=0.1, **extra)
             assert loss.item() == with_ref.item()
 
 
@@ -157,3 +158,16 @@ def test_flow_dpo_routes_the_flow_time_to_the_beta_schedule():
         want, _ = flow_dpo_loss(err[0], err[1], ref[0], ref[1], 50.0, t=t, beta_schedule=schedule)
         torch.testing.assert_close(loss, want)
     assert metrics["beta/effective"].item() == pytest.approx(50.0 * float(((1 - t) ** 2).mean()))
+
+
+def test_flow_rwr_weights_every_item_by_the_softmax_of_its_reward():
+    err = torch.tensor([[0.2, 0.4], [0.6, 0.8]])  # (K=2, B=2)
+    rewards = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    loss, metrics = preference_loss("flow_rwr", Surrogates(-err, None, "error"), beta=1.0, rewards=rewards,
+                                    temperature=0.5)
+    w = torch.softmax(rewards.flatten() / 0.5, dim=0) * 4  # weights average 1
+    assert loss.item() == pytest.approx(float((w * err.flatten()).mean()), rel=1e-6)
+    assert metrics["rwr/ess"].item() == pytest.approx(float(1 / (torch.softmax(rewards.flatten() / 0.5, 0) ** 2).sum()),
+                                                      rel=1e-6)
+    with pytest.raises(ValueError, match="needs the \\(K, B\\) reward of every item"):
+        preference_loss("flow_rwr", Surrogates(-err, None, "error"), beta=1.0)

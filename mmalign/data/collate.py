@@ -165,6 +165,8 @@ def collate_video_pairs(samples: list[dict[str, Any]]) -> dict[str, Any]:
     batch["fps"] = torch.tensor([s["fps"] for s in samples], dtype=torch.float32)
     batch["num_frames"] = torch.tensor([s["num_frames"] for s in samples], dtype=torch.long)
     batch["provenance"] = [s["provenance"] for s in samples]
+    if "extra" in samples[0]:
+        batch["extra"] = [s["extra"] for s in samples]
     for side in ("a", "b"):
         if f"frames_{side}" in samples[0]:
             batch[f"frames_{side}"] = [s[f"frames_{side}"] for s in samples]

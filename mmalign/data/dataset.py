@@ -570,9 +570,11 @@ class VideoPairDataset(ShardDataset):
 
     schema = "video_pair"
 
-    def __init__(self, source, *, frames: FrameSampling | dict | None = None, **kwargs: Any):
+    def __init__(self, source, *, frames: FrameSampling | dict | None = None, extra_fields: tuple[str, ...] = (),
+                 **kwargs: Any):
         super().__init__(source, **kwargs)
         self.frames = FrameSampling.model_validate(frames) if isinstance(frames, dict) else frames
+        self.extra_fields = tuple(extra_fields)  # JSON fields beyond the schema, as PairDataset's
         if self.frames is not None:  # fail now, not in a DataLoader worker
             backend = self.frames.backend or ("decord" if have_decord() else "pyav")
             require("decord" if backend == "decord" else "av", f"VideoPairDataset(frames=...) ({backend} backend)")
@@ -581,6 +583,8 @@ class VideoPairDataset(ShardDataset):
         out = {"prompt": meta.prompt, "labels": dict(meta.labels), "fps": (meta.fps_a, meta.fps_b),
                "num_frames": (meta.num_frames_a, meta.num_frames_b),
                "provenance": _provenance(meta)}
+        if self.extra_fields:
+            out["extra"] = {name: (meta.model_extra or {}).get(name) for name in self.extra_fields}
         if self.frames is None:
             out.update(video_a=raw[lay["a"]], video_b=raw[lay["b"]])
         else:

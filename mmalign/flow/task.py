@@ -1,4 +1,4 @@
-"""The flow-matching task (`task: flow`): SD3-class images and Wan-class videos with Flow-DPO and SFT.
+"""The flow-matching task (`task: flow`): SD3-class images and Wan-class videos with Flow-DPO, Flow-RWR and SFT.
 
 The training step is explicit code (`compute_loss`): the adapter (`mmalign.flow.adapter`) turns the batch into
 velocity-error surrogates (one shared t and noise per pair), the method table (`mmalign.methods`) turns them into
@@ -6,6 +6,11 @@ the loss. Data: `pair` shards for image models; `video_pair` shards for video mo
 decided by its per-dimension labels (VideoAlign's VQ / MQ / TA, each A / B / same) weighted by `data.dims`
 (`score = sum_d w_d·(+1 if A, -1 if B, 0 if same)`: positive -> A wins, negative -> B wins, 0 -> a tie, dropped
 and counted under `data/ties_dropped`).
+
+Flow-RWR (`method.name: flow_rwr`) trains on every item with its reward instead of on decided pairs: video pairs
+keep both clips (ties too), each rewarded `sum_d w_d·r_d` from the shards' `rewards_a` / `rewards_b` fields (per
+dimension, e.g. a reward model's or the toy's ground truth); image pairs (ties dropped) use the pair's `rewards`
+field [r_0, r_1]. A shard without them is an error naming the field.
 """
 
 from __future__ import annotations
@@ -61,14 +66,18 @@ class FlowModelConfig(StrictModel):
 
 
 class FlowMethodConfig(StrictModel):
-    name: Literal["flow_dpo", "sft"] = Field("flow_dpo", description="flow_dpo = Flow-DPO (VideoAlign); sft = the "
-                                                                     "velocity loss on winners.")
+    name: Literal["flow_dpo", "flow_rwr", "sft"] = Field(
+        "flow_dpo", description="flow_dpo = Flow-DPO (VideoAlign); flow_rwr = reward-weighted velocity loss over "
+                                "every item (weights softmax(r / temperature) over the batch); sft = the velocity "
+                                "loss on winners.")
     beta: Optional[float] = Field(None, gt=0, description="Required for flow_dpo: its scale depends on the model's "
                                                           "velocity errors (means over all non-batch dims); sft "
                                                           "ignores it.")
     beta_schedule: Literal["constant", "(1-t)^2"] = Field(
         "constant", description="flow_dpo's per-pair β: constant (default; the paper's Table 4 finds β(1-t)^2 "
                                 "reward-hacks text alignment) or β·(1-t)^2.")
+    temperature: float = Field(1.0, gt=0, description="flow_rwr's τ, on the scale of the rewards (small: nearly "
+                                                      "best-of-batch; large: plain SFT on every item).")
 
     @model_validator(mode="after")
     def _check(self) -> "FlowMethodConfig":
@@ -186,7 +195,8 @@ def compute_loss(cfg: FlowTrainConfig, adapter: FlowAdapter, transformer, unwrap
     surrogates = adapter.surrogates(transformer, batch, generator, with_reference=adapter.reference != "none",
                                     unwrapped=unwrapped)
     loss, metrics = preference_loss(method.name, surrogates, beta=method.beta or 1.0,
-                                    beta_schedule=method.beta_schedule)
+                                    beta_schedule=method.beta_schedule, rewards=batch.get("item_rewards"),
+                                    temperature=method.temperature)
     if "ties_dropped" in batch:
         metrics["data/ties_dropped"] = torch.tensor(float(batch["ties_dropped"]))
     return loss, metrics
@@ -208,20 +218,33 @@ def _clip_tensor(frames, num_frames: int, resolution: int) -> Tensor:
     return x[:, :, top:top + resolution, left:left + resolution].permute(1, 0, 2, 3).contiguous()
 
 
+def _item_rewards(extra: dict | None, dims: dict[str, float], key: str) -> tuple[float, float]:
+    """(reward of A, reward of B) = sum_d w_d·r_d from a video pair's `rewards_a` / `rewards_b` JSON fields."""
+    out = []
+    for side in ("rewards_a", "rewards_b"):
+        r = (extra or {}).get(side)
+        if not isinstance(r, dict) or any(d not in r for d in dims):
+            raise DataError(f"{key}: method flow_rwr needs per-dimension rewards {sorted(dims)} in the video pair's "
+                            f"'{side}' field (got {r!r}); write them with the pairs (e.g. a reward model's scores)")
+        out.append(sum(w * float(r[d]) for d, w in dims.items()))
+    return out[0], out[1]
+
+
 def video_pair_batch(batch: dict, dims: dict[str, float], num_frames: int, resolution: int,
-                     strict: bool = False) -> dict:
+                     strict: bool = False, rewards: bool = False) -> dict:
     """A `collate_video_pairs` batch (frames decoded) -> `{"videos": (2B', 3, F, R, R) [winners; losers],
-    "captions", "ties_dropped", "short_dropped"}`; see the module docstring for the winner vote."""
-    winners, losers, captions = [], [], []
+    "captions", "ties_dropped", "short_dropped"}`; see the module docstring for the winner vote. With `rewards`
+    (Flow-RWR) every pair is kept as [A; B] (ties too) and `"item_rewards"` (2, B') holds their rewards."""
+    winners, losers, captions, item_rewards = [], [], [], []
     ties = short = 0
     labels = batch["labels"]
-    missing = sorted(set(dims) - set(labels))
+    missing = [] if rewards else sorted(set(dims) - set(labels))  # RWR reads rewards, not labels
     if missing:
         raise DataError(f"data.dims {sorted(dims)}: the shards' video_pair labels have no {missing} (they have "
                         f"{sorted(labels)})")
     for i, prompt in enumerate(batch["prompts"]):
         # labels[d][i] is P(A preferred): 1 (A), 0 (B), 0.5 (same) -> sign +1 / -1 / 0
-        vote = sum(w * (2.0 * float(labels[d][i]) - 1.0) for d, w in dims.items())
+        vote = 1.0 if rewards else sum(w * (2.0 * float(labels[d][i]) - 1.0) for d, w in dims.items())
         if vote == 0:
             ties += 1
             continue
@@ -232,12 +255,31 @@ def video_pair_batch(batch: dict, dims: dict[str, float], num_frames: int, resol
                                 f"data.num_frames {num_frames}")
             short += 1
             continue
+        if rewards:
+            item_rewards.append(_item_rewards(batch["extra"][i] if "extra" in batch else None, dims,
+                                              batch["keys"][i]))
         win, lose = (a, b) if vote > 0 else (b, a)
         winners.append(_clip_tensor(win, num_frames, resolution))
         losers.append(_clip_tensor(lose, num_frames, resolution))
         captions.append(prompt)
     videos = torch.stack(winners + losers) if captions else None  # None: nothing decided (FlowTask.skip_reason)
-    return {"videos": videos, "captions": captions, "ties_dropped": ties, "short_dropped": short}
+    out = {"videos": videos, "captions": captions, "ties_dropped": ties, "short_dropped": short}
+    if rewards and captions:
+        out["item_rewards"] = torch.tensor(item_rewards, dtype=torch.float32).T.contiguous()
+    return out
+
+
+def pair_item_rewards(batch: dict) -> Tensor:
+    """(2, B) rewards of an image pair batch's [winners; losers] from each pair's `rewards` field [r_0, r_1]."""
+    rows = []
+    for i, extra in enumerate(batch.get("extra") or [None] * len(batch["keys"])):
+        r = (extra or {}).get("rewards")
+        if not isinstance(r, (list, tuple)) or len(r) != 2:
+            raise DataError(f"{batch['keys'][i]}: method flow_rwr needs the pair's 'rewards' field [r_0, r_1] "
+                            f"(got {r!r})")
+        w = int(batch["winner_index"][i])
+        rows.append((float(r[w]), float(r[1 - w])))
+    return torch.tensor(rows, dtype=torch.float32).T.contiguous()
 
 
 # -- the task ------------------------------------------------------------------------------------------------------
@@ -303,6 +345,7 @@ class FlowTask(Task):
         from mmalign.train.data import endless_batches
 
         cfg, d = self.cfg, self.cfg.data
+        rwr = cfg.method.name == "flow_rwr"
         common = dict(shuffle=d.shuffle_buffer > 0, shuffle_buffer=max(d.shuffle_buffer, 1), seed=cfg.run.seed,
                       rank=rank, world_size=world_size, strict=d.strict)
         if self.family in ("wan", "toy_video"):
@@ -311,10 +354,11 @@ class FlowTask(Task):
             from mmalign.data.video import FrameSampling
 
             frames = FrameSampling(fps=d.fps, max_frames=None) if d.fps else FrameSampling(max_frames=None)
-            dataset = VideoPairDataset(d.shards, frames=frames, **common)
+            extra = ("rewards_a", "rewards_b") if rwr else ()
+            dataset = VideoPairDataset(d.shards, frames=frames, extra_fields=extra, **common)
             for batch in endless_batches(dataset, collate_video_pairs, cfg.train.batch_size, skip=skip,
                                          num_workers=d.num_workers, what=f"data.shards {d.shards}"):
-                yield {**batch, **video_pair_batch(batch, d.dims, d.num_frames, d.resolution, d.strict)}
+                yield {**batch, **video_pair_batch(batch, d.dims, d.num_frames, d.resolution, d.strict, rwr)}
             return
         from functools import partial
 
@@ -322,9 +366,10 @@ class FlowTask(Task):
         from mmalign.data.dataset import PairDataset
 
         dataset = PairDataset(d.shards, transforms={"resolution": d.resolution, "crop": "center"}, ties="drop",
-                              **common)
-        yield from endless_batches(dataset, partial(collate_pairs), cfg.train.batch_size, skip=skip,
-                                   num_workers=d.num_workers, what=f"data.shards {d.shards}")
+                              extra_fields=("rewards",) if rwr else (), **common)
+        for batch in endless_batches(dataset, partial(collate_pairs), cfg.train.batch_size, skip=skip,
+                                     num_workers=d.num_workers, what=f"data.shards {d.shards}"):
+            yield {**batch, "item_rewards": pair_item_rewards(batch)} if rwr else batch
 
     def save_final(self, unwrapped, run_dir: Path, state_dict: dict | None = None) -> dict[str, str]:
         """The transformer (full fine-tune) or its LoRA in the pipeline's `load_lora_weights` format."""
