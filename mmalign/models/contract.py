@@ -9,6 +9,7 @@ because the items differ.
 | modality | surrogate | `kind` |
 |---|---|---|
 | text-to-image diffusion (`mmalign.t2i`) | `-err`, err = mean over C,H,W of the squared prediction error | `error` |
+| flow matching (`mmalign.flow`: SD3, Wan, toy video) | `-err`, err = mean over all non-batch dims of the squared velocity error | `error` |
 | vision-language models (`mmalign.vlm`) | summed response-token log-probs (`counts` = tokens) | `logp` |
 
 The losses never see a model and adapters hold no loss math. A new modality implements `PreferenceAdapter` and
@@ -35,7 +36,8 @@ class Surrogates:
     reference: (K, B) under the reference, without gradient; None when the method needs no reference.
     kind: "error" (the surrogate is `-err`, a negated per-sample mean squared error: diffusion, flow) or "logp"
         (summed token log-probabilities: sequence models).
-    t: (B,) the timestep each group shares (diffusion: the scheduler's integer step), or None.
+    t: (B,) the timestep each group shares (diffusion: the scheduler's integer step; flow: the flow time in
+        [0, 1], t = 1 pure noise), or None.
     counts: (K, B) tokens scored per item ("logp"), for per-token means; None otherwise.
     num_train_timesteps: the noise scheduler's number of training steps (diffusion), for losses scaled by it.
     """
