@@ -237,3 +237,39 @@ def test_flow_rwr_reads_rewards_from_the_shards_and_names_a_missing_field():
     torch.testing.assert_close(out["item_rewards"], torch.tensor([[2.3], [0.5]]))
     with pytest.raises(Exception, match="v0: method flow_rwr needs per-dimension rewards"):
         video_pair_batch({**vp, "extra": [{}]}, {"VQ": 1.0}, 9, 16, rewards=True)
+
+
+# -- published recipes and the launcher ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["wan21_t2v_1.3b_flow_dpo_lora.yaml", "sd35_medium_flow_dpo_lora.yaml"])
+def test_published_flow_recipes_validate_and_say_what_beta_assumes(name):
+    from pathlib import Path
+
+    path = Path("configs/flow") / name
+    cfg = load_train_config(path)
+    assert cfg.task == "flow" and cfg.method.name == "flow_dpo" and cfg.method.beta == 100
+    assert cfg.model.lora.rank == 32 and cfg.model.lora.alpha == 64
+    assert "What β assumes" in path.read_text() and "Sources" in path.read_text()
+    if "wan" in name:
+        assert (cfg.data.num_frames - 1) % 4 == 0 and cfg.data.resolution % 16 == 0
+    else:
+        assert cfg.optim.lr == 3e-4
+
+
+def test_the_videoalign_launcher_converts_then_trains(tmp_path):
+    import subprocess
+
+    csv = tmp_path / "train.csv"
+    csv.write_text("path_A,path_B,prompt,VQ,MQ,TA\n")
+    run = subprocess.run(["bash", "scripts/train_wan_flow_dpo.sh", "--csv", str(csv), "--video-root", str(tmp_path),
+                          "--shards", str(tmp_path / "shards"), "--num-processes", "2", "--dry-run", "--",
+                          "method.name=flow_rwr"], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    convert, launch = [line for line in run.stdout.splitlines() if line.startswith("+")]
+    assert "shards convert --from videoalign" in convert and f"--video-root {tmp_path}" in convert
+    assert "--num_processes 2" in launch and "configs/flow/wan21_t2v_1.3b_flow_dpo_lora.yaml" in launch
+    assert launch.endswith("method.name=flow_rwr") and f"data.shards={tmp_path / 'shards'}" in launch
+    bad = subprocess.run(["bash", "scripts/train_wan_flow_dpo.sh", "--csv", str(tmp_path / "missing.csv")],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "missing.csv: no such file" in bad.stderr
