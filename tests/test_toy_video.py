@@ -408,7 +408,7 @@ def _pretrain_module():
 
 
 def test_pretraining_resumes_exactly_and_saves_a_loadable_model(tmp_path):
-    from mmalign.toy.video_pipeline import ToyVideoPipeline
+    from mmalign.toy.video_pipeline import ToyVideoPipeline, build_toy_video
 
     main = _pretrain_module().main
     small = ["--heads", "2", "--head-dim", "8", "--layers", "1", "--ffn", "16", "--text-width", "16",
@@ -425,5 +425,9 @@ def test_pretraining_resumes_exactly_and_saves_a_loadable_model(tmp_path):
         torch.testing.assert_close(resumed["ema"][k], v, atol=0, rtol=0)
     pipe = ToyVideoPipeline.from_pretrained(tmp_path / "a")
     assert pipe.transformer.config.num_layers == 1
+    fresh = build_toy_video(seed=0, num_heads=2, head_dim=8, num_layers=1, ffn_dim=16, text_width=16)
+    for k, v in fresh.text_encoder.state_dict().items():  # the text encoder stays frozen by default
+        torch.testing.assert_close(pipe.text_encoder.state_dict()[k], v, atol=0, rtol=0)
+    assert not torch.equal(pipe.transformer.proj_out.weight, fresh.transformer.proj_out.weight)
     assert "Ground truth on held-out prompts" in (tmp_path / "a" / "MODEL_CARD.md").read_text()
     assert (tmp_path / "a" / "samples.gif").is_file()
