@@ -4,7 +4,8 @@
 
 - `sd15/`, `sdxl/`: tiny SD-1.5- and SDXL-style pipelines with random weights (`mmalign.t2i.tiny.build_tiny_sd`),
   in diffusers format (load with `DiffusionPipeline.from_pretrained`).
-- `sd3/`, `wan/`: tiny SD3- and Wan-2.1-style rectified-flow pipelines (`mmalign.flow.tiny`), same format.
+- `sd3/`, `wan/`, `ltx/`: tiny SD3-, Wan-2.1- and LTX-Video-style rectified-flow pipelines (`mmalign.flow.tiny`),
+  same format.
 - `pairs/`: `pair` shards from the toy world: for each sampled caption, one scene it describes and one that
   differs only in colour; the ground-truth total reward decides the label (winner first is not assumed:
   positions are shuffled, `label_0` says which image won).
@@ -70,19 +71,20 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=256)
     ap.add_argument("--ranked", type=int, default=64)
     ap.add_argument("--video-pairs", type=int, default=32)
-    ap.add_argument("--only", default="sd15,sdxl,sd3,wan,pairs,ranked,video_pairs",
+    ap.add_argument("--only", default="sd15,sdxl,sd3,wan,ltx,pairs,ranked,video_pairs",
                     help="comma-separated parts to (re)build")
     args = ap.parse_args()
     parts = {p.strip() for p in args.only.split(",")}
     from mmalign.t2i.tiny import build_tiny_sd
 
-    from mmalign.flow.tiny import build_tiny_sd3, build_tiny_wan
+    from mmalign.flow.tiny import build_tiny_ltx, build_tiny_sd3, build_tiny_wan
 
     out = Path(args.out)
     for part, build in (("sd15", lambda: build_tiny_sd(out / "sd15", kind="sd15", seed=args.seed)),
                         ("sdxl", lambda: build_tiny_sd(out / "sdxl", kind="sdxl", seed=args.seed)),
                         ("sd3", lambda: build_tiny_sd3(out / "sd3", seed=args.seed)),
-                        ("wan", lambda: build_tiny_wan(out / "wan", seed=args.seed))):
+                        ("wan", lambda: build_tiny_wan(out / "wan", seed=args.seed)),
+                        ("ltx", lambda: build_tiny_ltx(out / "ltx", seed=args.seed))):
         if part in parts:
             build()
     if "pairs" in parts:

@@ -40,56 +40,22 @@ Examples:
 EOF
 }
 
-die() { echo "train_sdxl_dpo.sh: $*" >&2; exit 2; }
+# shellcheck source=scripts/_launch_common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/_launch_common.sh"  # die, run, the shared options and their checks
 
 parquet=()
 shards="data/pickapic_v2/train"
-limit=""
 config="configs/sdxl_dpo.yaml"
-model=""
-output_dir=""
 cache=0
-accel_config="configs/accelerate/single_gpu.yaml"
-num_processes=""
-resume=0
-python="${PYTHON:-python}"
-dry_run=0
-overrides=()
-
-need_value() { [[ $# -ge 2 && -n "$2" ]] || die "$1 needs a value (see --help)"; }
 
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --parquet) need_value "$@"; parquet+=("$2"); shift 2 ;;
-    --shards) need_value "$@"; shards="$2"; shift 2 ;;
-    --limit) need_value "$@"; [[ "$2" =~ ^[1-9][0-9]*$ ]] || die "--limit must be a positive integer, got '$2'"
-             limit="$2"; shift 2 ;;
-    --config) need_value "$@"; config="$2"; shift 2 ;;
-    --model) need_value "$@"; model="$2"; shift 2 ;;
-    --output-dir) need_value "$@"; output_dir="$2"; shift 2 ;;
     --cache) cache=1; shift ;;
-    --accelerate-config) need_value "$@"; accel_config="$2"; shift 2 ;;
-    --num-processes) need_value "$@"; [[ "$2" =~ ^[1-9][0-9]*$ ]] || die "--num-processes must be a positive integer, got '$2'"
-                     num_processes="$2"; shift 2 ;;
-    --resume) resume=1; shift ;;
-    --python) need_value "$@"; python="$2"; shift 2 ;;
-    --dry-run) dry_run=1; shift ;;
-    -h|--help) usage; exit 0 ;;
-    --) shift; overrides+=("$@"); break ;;
-    *) die "unknown option '$1' (see --help)" ;;
+    *) parse_common_option "$@"; shift "$shift_by" ;;
   esac
 done
-
-for o in ${overrides[@]+"${overrides[@]}"}; do
-  [[ "$o" == *=* && "$o" != -* ]] || die "override '$o' is not of the form key=value"
-done
-[[ -f "$config" ]] || die "--config $config: no such recipe file"
-[[ -f "$accel_config" ]] || die "--accelerate-config $accel_config: no such file"
-
-run() {
-  printf '+'; printf ' %q' "$@"; printf '\n'
-  if [[ $dry_run -eq 0 ]]; then "$@"; fi
-}
+check_common_options
 
 # Overrides shared by the cache and training steps: both must describe the same data and model.
 common=("data.shards=$shards")
@@ -116,9 +82,8 @@ if [[ $cache -eq 1 ]]; then
 fi
 
 # 3. training
-train=(accelerate launch --config_file "$accel_config")
-[[ -n "$num_processes" ]] && train+=(--num_processes "$num_processes")
-train+=(-m mmalign.cli train "$config" "${common[@]}")
+start_train_command
+train+=("${common[@]}")
 [[ $cache -eq 1 ]] && train+=("data.cache=true")
 [[ -n "$output_dir" ]] && train+=("run.output_dir=$output_dir")
 [[ $resume -eq 1 ]] && train+=("run.resume=latest")

@@ -110,9 +110,12 @@ def _vlm_row(folder: str) -> Row:
 
 @pytest.fixture(scope="module")
 def rows(tmp_path_factory, tiny_sd15, tiny_sdxl):
+    from mmalign.toy.video_pipeline import build_toy_video
     from mmalign.vlm.tiny import build_tiny_vlm
 
     vlm = tmp_path_factory.mktemp("contract_vlm")
+    toy_video = tmp_path_factory.mktemp("contract_toy_video") / "toy_video"
+    build_toy_video(seed=0).save_pretrained(toy_video)  # assets/toy/video is not shipped in git
     return {
         "t2i-sd15": _t2i_row(tiny_sd15),
         "t2i-sdxl": _t2i_row(tiny_sdxl),
@@ -120,10 +123,13 @@ def rows(tmp_path_factory, tiny_sd15, tiny_sdxl):
         "vlm-qwen2_vl": _vlm_row(str(build_tiny_vlm(vlm / "qwen2_vl", "qwen2_vl"))),
         "flow-sd3": _flow_row("assets/tiny/sd3", video=False),
         "flow-wan": _flow_row("assets/tiny/wan", video=True),
+        "flow-toy_video": _flow_row(str(toy_video), video=True),
+        "flow-ltx": _flow_row("assets/tiny/ltx", video=True),
     }
 
 
-ROWS = ["t2i-sd15", "t2i-sdxl", "vlm-llava", "vlm-qwen2_vl", "flow-sd3", "flow-wan"]
+ROWS = ["t2i-sd15", "t2i-sdxl", "vlm-llava", "vlm-qwen2_vl", "flow-sd3", "flow-wan", "flow-toy_video",
+        "flow-ltx"]
 
 
 def _surrogates(adapter, policy, batch, seed=0) -> Surrogates:

@@ -36,6 +36,7 @@ def test_gpu_suite_tiny_dry_run(tmp_path):
     labels = [r[0] for r in rows]
     expected = [("SDXL 32 px", v) for v in ("(a) naive", "(b) cached", "(c) LoRA")]
     expected += [("SD 1.5 32 px", v) for v in ("(a) naive", "(b) cached", "(c) LoRA")]
+    expected += [("Wan 32 px, 9 frames", v) for v in ("(a) naive", "(b) cached", "(c) LoRA")]
     expected += [("HPS", "one image at a time"), ("HPS", "batches of 8"), ("VLM DPO", "LoRA r 128")]
     expected += [(f"guidance {pipe}", v) for pipe in ("toy", "tiny SD 1.5")
                  for v in ("unguided", "latent", "pixel, x0", "pixel, model")]
@@ -60,11 +61,11 @@ def test_gpu_suite_tiny_dry_run(tmp_path):
     assert raw["meta"]["tiny"] and raw["meta"]["peak_tflops"] > 0
     results = {(r["row"], r["variant"]): r for r in raw["results"]}
     assert all(r["status"] == "ok" and (r["row"] == "guide" or r["mfu"] > 0) for r in results.values())
-    for row in ("sdxl", "sd15"):
+    for row in ("sdxl", "sd15", "wan"):
         naive, cached, lora = (results[row, v] for v in ("naive", "cached", "lora"))
         # (a) runs the VAE and text encoders inside the step: more counted FLOPs than the cached step (b).
         assert naive["flops"] > cached["flops"], row
-        # LoRA trains a small fraction of the UNet's parameters; the full fine-tunes train all of them.
+        # LoRA trains a small fraction of the UNet's / transformer's parameters; the full fine-tunes train all.
         assert cached["extra"]["trainable"] == naive["extra"]["trainable"]
         assert lora["extra"]["trainable"] < 0.2 * cached["extra"]["trainable"]
         for r in (naive, cached, lora):

@@ -308,3 +308,25 @@ def test_training_stream_with_workers_gives_the_dataloaders_batches(tmp_path, mo
             else:
                 assert a[name] == value, name
     assert got[0]["pixels"].shape == (4, 16, 16, 3)
+
+
+def test_video_to_tensor_keeps_the_first_frames_resizes_the_shorter_side_and_crops_the_centre():
+    """The flow task's video pairs: (T, H, W, 3) uint8 -> (3, F, R, R) in [-1, 1], exact against hand-built crops."""
+    import torch.nn.functional as F
+
+    from mmalign.data.transforms import video_to_tensor
+
+    # Height already 16: no resize, only the centre crop; column j holds the value j, frame t the value 100 + t.
+    t, h, w = np.arange(11)[:, None, None], np.arange(16)[None, :, None], np.arange(40)[None, None, :]
+    clip = np.stack(np.broadcast_arrays(100 + t, h, w + 0 * t), axis=-1).astype(np.uint8)  # (11, 16, 40, 3)
+    out = video_to_tensor(torch.from_numpy(clip), 9, 16)
+    assert out.shape == (3, 9, 16, 16) and out.dtype == torch.float32 and out.is_contiguous()
+    expect = torch.from_numpy(clip[:9, :, 12:28]).permute(3, 0, 1, 2).float() / 127.5 - 1  # left = (40 - 16) // 2
+    assert torch.equal(out, expect)
+    # Resized: a random 24x40 clip -> shorter side 16 (16x27, antialiased bilinear per frame), centre 16 columns.
+    clip = np.random.default_rng(0).integers(0, 256, (11, 24, 40, 3), dtype=np.uint8)
+    frames = torch.from_numpy(clip[:9]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    resized = F.interpolate(frames, size=(16, 27), mode="bilinear", antialias=True, align_corners=False)
+    torch.testing.assert_close(video_to_tensor(clip, 9, 16), resized[..., 5:21].permute(1, 0, 2, 3), rtol=0, atol=0)
+    white = video_to_tensor(np.full((9, 20, 20, 3), 255, np.uint8), 9, 8)  # 255 -> 1, also after resizing
+    torch.testing.assert_close(white, torch.ones(3, 9, 8, 8), rtol=0, atol=1e-6)

@@ -80,7 +80,8 @@ def run_script(*args):
 def test_script_help_explains_every_knob():
     proc = run_script("--help")
     assert proc.returncode == 0, proc.stderr
-    options = {line.split()[0] for line in SCRIPT.read_text().splitlines()
+    parsed = SCRIPT.read_text() + (SCRIPT.parent / "_launch_common.sh").read_text()  # the options every launcher takes
+    options = {line.split()[0] for line in parsed.splitlines()
                if line.strip().startswith("--") and ")" in line.split()[0]}
     options = {o.rstrip(")") for o in options}
     assert options >= {"--parquet", "--shards", "--cache", "--config", "--accelerate-config", "--dry-run"}

@@ -27,7 +27,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Iterable, Iterator, Literal
 
 from mmalign.data.manifest import Manifest, load_manifest
 from mmalign.data.schemas import SampleError, check_key, load_npy, npy_bytes, sanitize_key
@@ -60,6 +60,24 @@ def cache_root(shards: str | os.PathLike, root: str | os.PathLike | None = None)
 
 def cache_dir(shards: str | os.PathLike, name: str, key: str, root: str | os.PathLike | None = None) -> Path:
     return cache_root(shards, root) / f"{name}-{key}"
+
+
+def files_fingerprint(root: str | os.PathLike, subfolders: Iterable[str]) -> str | None:
+    """sha256 over the relative names and contents of every file in `root`'s `subfolders` (e.g. a local pipeline's
+    VAE, text encoders and tokenizers: what a cache holds the output of; absent subfolders are skipped); None when
+    `root` is not a local folder (a hub id: then its id and revision key the cache)."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    h = hashlib.sha256()
+    for sub in subfolders:
+        for path in sorted((root / sub).rglob("*")) if (root / sub).is_dir() else []:
+            if path.is_file():
+                h.update(str(path.relative_to(root)).encode() + b"\0")
+                with path.open("rb") as fh:
+                    for chunk in iter(lambda: fh.read(1 << 22), b""):
+                        h.update(chunk)
+    return h.hexdigest()
 
 
 def _to_numpy(value: Any):
@@ -291,4 +309,4 @@ def join_cache(samples: Iterator[dict[str, Any]], cache_samples: Iterator[dict[s
 
 
 __all__ = ["CacheInfo", "CacheWriter", "StaleCacheError", "cache_key", "cache_root", "decode_cache_entry",
-           "list_caches", "open_cache"]
+           "files_fingerprint", "list_caches", "open_cache"]

@@ -170,7 +170,7 @@ def collate_video_pairs(samples: list[dict[str, Any]]) -> dict[str, Any]:
     for side in ("a", "b"):
         if f"frames_{side}" in samples[0]:
             batch[f"frames_{side}"] = [s[f"frames_{side}"] for s in samples]
-        else:
+        elif f"video_{side}" in samples[0]:  # absent with VideoPairDataset(decode_videos=False)
             batch[f"videos_{side}"] = [s[f"video_{side}"] for s in samples]
     batch.update(_cache(samples))
     return batch

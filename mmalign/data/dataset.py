@@ -566,15 +566,19 @@ class RankedDataset(ShardDataset):
 class VideoPairDataset(ShardDataset):
     """`video_pair` samples: `{"video_a", "video_b"}` (mp4 bytes, decode later with `read_frames`), or with
     `frames=FrameSampling(...)` `{"frames_a", "frames_b"}` uint8 (T,H,W,3); plus `"prompt"`, `"labels"`
-    {VQ, MQ, TA: "A" | "B" | "same"}, `"fps"` (a, b), `"num_frames"` (a, b)."""
+    {VQ, MQ, TA: "A" | "B" | "same"}, `"fps"` (a, b), `"num_frames"` (a, b). decode_videos=False yields no videos
+    at all (training from cached latents)."""
 
     schema = "video_pair"
 
     def __init__(self, source, *, frames: FrameSampling | dict | None = None, extra_fields: tuple[str, ...] = (),
-                 **kwargs: Any):
+                 decode_videos: bool = True, **kwargs: Any):
         super().__init__(source, **kwargs)
         self.frames = FrameSampling.model_validate(frames) if isinstance(frames, dict) else frames
+        if self.frames is not None and not decode_videos:
+            raise ValueError("frames need decoded videos; drop frames or set decode_videos=True")
         self.extra_fields = tuple(extra_fields)  # JSON fields beyond the schema, as PairDataset's
+        self.decode_videos = decode_videos
         if self.frames is not None:  # fail now, not in a DataLoader worker
             backend = self.frames.backend or ("decord" if have_decord() else "pyav")
             require("decord" if backend == "decord" else "av", f"VideoPairDataset(frames=...) ({backend} backend)")
@@ -585,6 +589,8 @@ class VideoPairDataset(ShardDataset):
                "provenance": _provenance(meta)}
         if self.extra_fields:
             out["extra"] = {name: (meta.model_extra or {}).get(name) for name in self.extra_fields}
+        if not self.decode_videos:
+            return out
         if self.frames is None:
             out.update(video_a=raw[lay["a"]], video_b=raw[lay["b"]])
         else:

@@ -8,6 +8,9 @@ follow diffusers' SDXL training scripts: resize so the image covers the target, 
 
 Randomness comes from a generator seeded by `(seed, epoch, sample key)`, so a sample gets the same crop and flip
 whichever worker or rank reads it, and a resumed run repeats them exactly.
+
+Video clips (`video_to_tensor`, the flow task's video pairs) take the first frames, resize the shorter side and crop
+the centre, on float frames (torch's antialiased bilinear `interpolate`), with no randomness.
 """
 
 from __future__ import annotations
@@ -94,3 +97,20 @@ def to_pixel_values(pixels: "torch.Tensor", out: "torch.Tensor | None" = None) -
         out = torch.empty(chw.shape, dtype=torch.float32, device=pixels.device)
     out.copy_(chw)
     return out.div_(127.5).sub_(1.0)
+
+
+def video_to_tensor(frames, num_frames: int, resolution: int) -> "torch.Tensor":
+    """A clip's uint8 frames (T, H, W, 3) (tensor or array, T >= num_frames) -> float32 (3, num_frames, resolution,
+    resolution) in [-1, 1] (x / 127.5 - 1; Wan's (C, F, H, W) layout): the first `num_frames` frames, the shorter
+    side resized to `resolution` (bilinear, antialiased, on the float frames), then centre-cropped."""
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.as_tensor(frames[:num_frames]).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (T, 3, H, W)
+    h, w = x.shape[-2:]
+    scale = resolution / min(h, w)
+    nh, nw = max(resolution, round(h * scale)), max(resolution, round(w * scale))
+    if (nh, nw) != (h, w):
+        x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+    top, left = (nh - resolution) // 2, (nw - resolution) // 2
+    return x[:, :, top:top + resolution, left:left + resolution].permute(1, 0, 2, 3).contiguous()

@@ -1,9 +1,10 @@
-"""Flow-matching adapter (SD3-class images, Wan-class video, the toy video world): a batch -> per-sample velocity
-errors.
+"""Flow-matching adapter (SD3-class images, Wan- and LTX-class video, the toy video world): a batch -> per-sample
+velocity errors.
 
 One convention, written once (`mmalign.samplers.flow`): `x_t = (1 - t)·x0 + t·noise`, velocity target
-`v = noise - x0`, t = 1 is pure noise. The model sees its own timestep, `1000·t` for SD3 and Wan (diffusers'
-`FlowMatchEulerDiscreteScheduler` convention, `timesteps = sigmas·1000`). Training draws `u` from the timestep
+`v = noise - x0`, t = 1 is pure noise. The model sees its own timestep, `1000·t` for SD3, Wan and LTX (diffusers'
+`FlowMatchEulerDiscreteScheduler` convention, `timesteps = sigmas·1000`: `LTXPipeline` passes `scheduler.timesteps`
+to its transformer unscaled). Training draws `u` from the timestep
 density (`uniform | logit_normal | mode`, diffusers' `compute_density_for_timestep_sampling`) and takes the
 training scheduler's shifted sigma at index `u·1000`, as diffusers' SD3 training scripts do; the loss weighting
 (`none | cosmap`, `compute_loss_weighting_for_sd3`) multiplies each element's squared error.
@@ -15,10 +16,13 @@ group (a winner and its loser) share t and the noise, so their errors differ onl
 |---|---|---|---|
 | `StableDiffusion3Pipeline` | `(vae(x) - shift_factor)·scaling_factor` | the pipeline's `encode_prompt` (CLIP-L, CLIP-G, T5 or zeros) | `(x, 1000·t, embeds, pooled_projections)` |
 | `WanPipeline` | `(vae(video) - latents_mean) / latents_std`, frames 4k + 1 | the pipeline's `encode_prompt` (UMT5) | `(x, 1000·t, embeds)` |
+| `LTXPipeline` | `(vae(video) - latents_mean)·scaling_factor / latents_std`, frames 8k + 1 | `encode_prompt` (T5) and its mask | `(pack(x), 1000·t, embeds, mask, sizes, rope scale)`, unpacked |
 | `ToyVideoPipeline` (the toy video world) | pixel space: the clip in [-1, 1] | its CLIP text encoder's last hidden states | `(x, 1000·t, embeds)` |
 
 The pipeline's scheduler must be a flow scheduler (`FlowMatchEulerDiscreteScheduler`, or a UniPC scheduler with
-`use_flow_sigmas`, as Wan checkpoints ship); a DDPM/DDIM-scheduled model is refused before any weights load.
+`use_flow_sigmas`, as Wan checkpoints ship); a DDPM/DDIM-scheduled model is refused before any weights load. A
+scheduler with `use_dynamic_shifting` (LTX-Video) shifts only when sampling (by the sequence length), so its training
+sigmas are the unshifted ones; `model.shift` sets a fixed shift instead (and turns the dynamic shifting off).
 `FlowAdapter.surrogates` is the adapter contract (`mmalign.models.contract`).
 """
 
@@ -37,26 +41,38 @@ from mmalign.models.contract import Surrogates
 from mmalign.models.loading import ModelLoadError, read_model_index
 from mmalign.models.reference import adapters_disabled, frozen_copy
 
-FAMILIES = {"StableDiffusion3Pipeline": "sd3", "WanPipeline": "wan", "ToyVideoPipeline": "toy_video"}
-VIDEO_FAMILIES = ("wan", "toy_video")
+FAMILIES = {"StableDiffusion3Pipeline": "sd3", "WanPipeline": "wan", "LTXPipeline": "ltx",
+            "ToyVideoPipeline": "toy_video"}
+VIDEO_FAMILIES = ("wan", "ltx", "toy_video")
 TIMESTEP_SAMPLING = ("uniform", "logit_normal", "mode")
 WEIGHTING = ("none", "cosmap")
 
 
 @dataclass
 class FlowConditioning:
-    """prompt_embeds (B, L, D); pooled (B, D2) for SD3, else None."""
+    """prompt_embeds (B, L, D); pooled (B, D2) for SD3, else None; attention_mask (B, L) bool for LTX (its
+    transformer masks the padded text tokens), else None."""
 
     prompt_embeds: Tensor
     pooled: Optional[Tensor] = None
+    attention_mask: Optional[Tensor] = None
 
     def repeat(self, k: int) -> "FlowConditioning":
         pooled = self.pooled.repeat(k, 1) if self.pooled is not None else None
-        return FlowConditioning(self.prompt_embeds.repeat(k, 1, 1), pooled)
+        mask = self.attention_mask.repeat(k, 1) if self.attention_mask is not None else None
+        return FlowConditioning(self.prompt_embeds.repeat(k, 1, 1), pooled, mask)
+
+    def select(self, index: Tensor) -> "FlowConditioning":
+        """The rows `index` of every tensor field (batch dim 0)."""
+        import dataclasses
+
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name)[index] for f in dataclasses.fields(self)
+                                            if getattr(self, f.name) is not None})
 
     def to(self, device, dtype=None) -> "FlowConditioning":
         pooled = self.pooled.to(device, dtype) if self.pooled is not None else None
-        return FlowConditioning(self.prompt_embeds.to(device, dtype), pooled)
+        mask = self.attention_mask.to(device) if self.attention_mask is not None else None  # stays bool
+        return FlowConditioning(self.prompt_embeds.to(device, dtype), pooled, mask)
 
 
 def _scheduler_config(pretrained: str, revision: str | None) -> dict:
@@ -93,9 +109,10 @@ def check_flow_model(pretrained: str, revision: str | None = None, shift: float 
         raise ModelLoadError(f"model.pretrained {pretrained}: its scheduler is {kind!r} "
                              f"(prediction_type {sched.get('prediction_type')!r}), a DDPM/DDIM-style diffusion "
                              "model, not rectified flow: train it with task: t2i, or point task: flow at a "
-                             "flow-matching pipeline (SD3, Wan)")
+                             "flow-matching pipeline (SD3, Wan, LTX)")
     if shift is not None:
-        config["shift"] = float(shift)
+        # A dynamically shifting scheduler ignores `shift` when built; a fixed shift asked for must take effect.
+        config.update(shift=float(shift), use_dynamic_shifting=False)
     return FAMILIES[name], config
 
 
@@ -116,22 +133,42 @@ class FlowComponents:
     def vae(self):
         return getattr(self.pipe, "vae", None)
 
+    def move_encoders(self, device: torch.device, mixed_precision: str) -> None:
+        """The VAE (float32) and text encoders (bf16 under bf16 mixed precision, else float32) to `device`."""
+        from mmalign.models.loading import move_module
+
+        encoder_dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float32
+        for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+            module = getattr(self.pipe, name, None)
+            if module is not None:
+                move_module(module, device, torch.float32 if name == "vae" else encoder_dtype)
+
     @property
     def is_video(self) -> bool:
         return self.family in VIDEO_FAMILIES
 
 
 def load_flow_components(pretrained: str, *, revision: str | None = None, variant: str | None = None,
-                         shift: float | None = None, transformer_path: str | None = None) -> FlowComponents:
-    """Load a flow pipeline with `from_pretrained` (a `[null, null]` component of model_index.json, e.g. SD3
-    without T5, loads as None); `transformer_path` replaces its transformer (e.g. a previous run's output)."""
-    from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+                         shift: float | None = None, transformer_path: str | None = None,
+                         load_transformer: bool = True) -> FlowComponents:
+    """Load a flow pipeline with its class's `from_pretrained` (a `[null, null]` component of model_index.json, e.g.
+    SD3 without T5, loads as None); `transformer_path` replaces its transformer (e.g. a previous run's output);
+    `load_transformer=False` reads no transformer weights (encoding only: the latent cache): the transformer is built
+    from its config on the meta device, for the pipeline code that reads its config (SD3 sizes the zeros standing in
+    for an absent T5 by `joint_attention_dim`)."""
+    import diffusers
+    from diffusers import FlowMatchEulerDiscreteScheduler
 
     family, sched_config = check_flow_model(pretrained, revision, shift)
     index = read_model_index(pretrained, revision)
     absent = {k: None for k, v in index.items() if isinstance(v, list) and v == [None, None]}
     try:
-        if transformer_path is not None:
+        if not load_transformer:
+            cls = _transformer_class(index)
+            with torch.device("meta"):
+                absent["transformer"] = cls.from_config(cls.load_config(pretrained, subfolder="transformer",
+                                                                        revision=revision))
+        elif transformer_path is not None:
             cls = _transformer_class(index)
             absent["transformer"] = cls.from_pretrained(transformer_path)
         if family == "toy_video":
@@ -139,7 +176,10 @@ def load_flow_components(pretrained: str, *, revision: str | None = None, varian
 
             pipe = ToyVideoPipeline.from_pretrained(pretrained, revision=revision, **absent)
         else:
-            pipe = DiffusionPipeline.from_pretrained(pretrained, revision=revision, variant=variant, **absent)
+            # The pipeline's own class: `DiffusionPipeline.from_pretrained` loads an optional component (Wan's
+            # transformer) from the folder even when one (or None) is passed.
+            pipe_class = getattr(diffusers, index["_class_name"])
+            pipe = pipe_class.from_pretrained(pretrained, revision=revision, variant=variant, **absent)
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"{pretrained}: could not load the pipeline: {err}") from err
     for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
@@ -159,12 +199,15 @@ def _transformer_class(index: dict):
 
 class FlowAdapter:
     """Turns images or videos + captions into per-sample velocity errors for a policy transformer and its
-    reference ("copy": a frozen copy; "lora": the same transformer with its peft adapters disabled; "none")."""
+    reference ("copy": a frozen copy; "lora": the same transformer with its peft adapters disabled; "none").
+
+    `frame_rate` (LTX only): the clips' frames per second, which sets LTX's temporal RoPE scale
+    `(vae temporal ratio / frame_rate, vae spatial ratio, vae spatial ratio)`; 25 is `LTXPipeline`'s default."""
 
     def __init__(self, components: FlowComponents, reference: str = "copy",
                  reference_dtype: torch.dtype | None = None, timestep_sampling: str = "logit_normal",
                  logit_mean: float = 0.0, logit_std: float = 1.0, mode_scale: float = 1.29,
-                 weighting: str = "none", latents: str = "mean"):
+                 weighting: str = "none", latents: str = "mean", frame_rate: float = 25.0):
         if reference not in ("copy", "lora", "none"):
             raise ValueError(f"reference must be 'copy', 'lora' or 'none' for flow models, got {reference!r} (flow "
                              "surrogates depend on the t and noise drawn each step, so they cannot be precomputed)")
@@ -178,7 +221,9 @@ class FlowAdapter:
             timestep_sampling, logit_mean, logit_std, mode_scale)
         self.weighting = weighting
         self.latents = latents
+        self.frame_rate = float(frame_rate)
         self.ref_transformer = frozen_copy(components.transformer, reference_dtype) if reference == "copy" else None
+        self.refreshed = None  # a models.reference.RefreshedReference when the reference follows the policy
 
     # -- encoders (frozen) -------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -192,6 +237,11 @@ class FlowAdapter:
             if (pixels.shape[2] - 1) % factor:
                 raise ValueError(f"{self.c.pretrained}: Wan's VAE takes 4k+1 frames ({factor}k+1), got "
                                  f"{pixels.shape[2]}")
+        if fam == "ltx":
+            t_factor, s_factor = vae.temporal_compression_ratio, vae.spatial_compression_ratio
+            if (pixels.shape[2] - 1) % t_factor or pixels.shape[-1] % s_factor or pixels.shape[-2] % s_factor:
+                raise ValueError(f"{self.c.pretrained}: LTX's VAE takes {t_factor}k+1 frames of a size divisible by "
+                                 f"{s_factor}, got {pixels.shape[2]} frames of {tuple(pixels.shape[-2:])}")
         dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
         z = (dist.mode() if self.latents == "mean" else dist.sample(generator)).float()
         if fam == "wan":
@@ -199,6 +249,10 @@ class FlowAdapter:
             mean = torch.tensor(vae.config.latents_mean, device=z.device).view(shape)
             std = torch.tensor(vae.config.latents_std, device=z.device).view(shape)
             return (z - mean) / std
+        if fam == "ltx":  # LTXPipeline._normalize_latents
+            shape = (1, -1) + (1,) * (z.ndim - 2)
+            mean, std = vae.latents_mean.float().view(shape), vae.latents_std.float().view(shape)
+            return (z - mean) * vae.config.scaling_factor / std
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return (z - shift) * vae.config.scaling_factor
 
@@ -206,7 +260,8 @@ class FlowAdapter:
     def encode_text(self, captions: list[str]) -> FlowConditioning:
         """Prompt embeddings as the pipeline computes them for sampling."""
         pipe, fam = self.c.pipe, self.c.family
-        device = self.c.transformer.device
+        # build_adapter puts the text encoder on the transformer's device; building the cache has no transformer
+        device = pipe.text_encoder.device
         if fam == "sd3":
             embeds, _, pooled, _ = pipe.encode_prompt(captions, None, None, device=device,
                                                       do_classifier_free_guidance=False)
@@ -214,6 +269,9 @@ class FlowAdapter:
         if fam == "wan":
             embeds, _ = pipe.encode_prompt(captions, do_classifier_free_guidance=False, device=device)
             return FlowConditioning(embeds.float())
+        if fam == "ltx":
+            embeds, mask, _, _ = pipe.encode_prompt(captions, do_classifier_free_guidance=False, device=device)
+            return FlowConditioning(embeds.float(), attention_mask=mask)
         return FlowConditioning(pipe.encode_prompt(captions).float())
 
     # -- noising -----------------------------------------------------------------------------------------------
@@ -251,12 +309,35 @@ class FlowAdapter:
     # -- errors ------------------------------------------------------------------------------------------------
     def predict(self, transformer: torch.nn.Module, x_t: Tensor, timesteps: Tensor,
                 cond: FlowConditioning) -> Tensor:
+        """The velocity the transformer predicts for x_t, in x_t's layout ((N, C, H, W) or (N, C, F, H, W))."""
         dtype = next(transformer.parameters()).dtype
         kwargs = {"encoder_hidden_states": cond.prompt_embeds.to(x_t.device, dtype)}
         if self.c.family == "sd3":
             kwargs["pooled_projections"] = cond.pooled.to(x_t.device, dtype)
+        if self.c.family == "ltx":
+            return self._predict_ltx(transformer, x_t.to(dtype), timesteps, cond, **kwargs)
         return transformer(hidden_states=x_t.to(dtype), timestep=timesteps.to(x_t.device), return_dict=False,
                            **kwargs)[0]
+
+    def _predict_ltx(self, transformer: torch.nn.Module, x_t: Tensor, timesteps: Tensor, cond: FlowConditioning,
+                     encoder_hidden_states: Tensor) -> Tensor:
+        """`LTXPipeline`'s transformer call: latents (N, C, F, H, W) packed into tokens (N, F·H·W, C·p_t·p·p)
+        (`LTXPipeline._pack_latents`, the transformer's patch sizes), the token grid's sizes and the RoPE scale
+        `(temporal ratio / frame_rate, spatial ratio, spatial ratio)` for the positions, the text mask; the
+        predicted tokens are unpacked back to (N, C, F, H, W), the layout of the target."""
+        from diffusers import LTXPipeline
+
+        config = self.c.transformer.config  # `transformer` may be wrapped for distributed training
+        p, p_t = config.patch_size, config.patch_size_t
+        vae = self.c.vae
+        frames, height, width = x_t.shape[2] // p_t, x_t.shape[3] // p, x_t.shape[4] // p  # = latent sizes at p=1
+        rope_scale = (vae.temporal_compression_ratio / self.frame_rate, vae.spatial_compression_ratio,
+                      vae.spatial_compression_ratio)
+        out = transformer(hidden_states=LTXPipeline._pack_latents(x_t, p, p_t), timestep=timesteps.to(x_t.device),
+                          encoder_hidden_states=encoder_hidden_states,
+                          encoder_attention_mask=cond.attention_mask.to(x_t.device), num_frames=frames,
+                          height=height, width=width, rope_interpolation_scale=rope_scale, return_dict=False)[0]
+        return LTXPipeline._unpack_latents(out, frames, height, width, p, p_t)
 
     def errors(self, transformer: torch.nn.Module, x_t: Tensor, timesteps: Tensor, cond: FlowConditioning,
                target: Tensor, sigmas: Tensor) -> Tensor:
@@ -271,7 +352,12 @@ class FlowAdapter:
 
     @contextlib.contextmanager
     def _reference(self, policy: torch.nn.Module) -> Iterator[torch.nn.Module]:
-        if self.reference == "copy":
+        if self.refreshed is not None:  # online training: a reference moved to the policy every K steps
+            if self.reference == "copy":
+                self.ref_transformer.train(policy.training)
+            with self.refreshed.weights(policy) as model:
+                yield model
+        elif self.reference == "copy":
             self.ref_transformer.train(policy.training)
             yield self.ref_transformer
         elif self.reference == "lora":
@@ -301,7 +387,16 @@ class FlowAdapter:
         """Batch -> grouped latents (K, B, ...) and conditioning (B, ...).
 
         Images: `pixel_values` (2B, 3, H, W) in [-1, 1] as [winners; losers] (`collate_pairs`). Videos:
-        `videos` (2B, 3, F, H, W) in [-1, 1], the same layout. Captions: `captions`."""
+        `videos` (2B, 3, F, H, W) in [-1, 1], the same layout. Captions: `captions`. From the latent cache
+        (`mmalign.flow.cache`): `latents` (2B, ...) float32 in the same layout, as `encode` makes them, and the
+        conditioning's fields (`prompt_embeds` (B, L, D); `pooled`, `attention_mask` where the family has them)."""
+        if "latents" in batch:
+            if self.latents != "mean":
+                raise ValueError(f"the latent cache holds the VAE posterior means; this adapter draws latents "
+                                 f"({self.latents!r}): train it without data.cache")
+            latents = batch["latents"].to(device, torch.float32)
+            fields = {f: batch[f].to(device) for f in ("prompt_embeds", "pooled", "attention_mask") if f in batch}
+            return latents.view(2, -1, *latents.shape[1:]), FlowConditioning(**fields)
         pixels = batch["videos"] if "videos" in batch else batch["pixel_values"]
         if self.c.is_video != (pixels.ndim == 5):
             what = "videos (N, 3, F, H, W)" if self.c.is_video else "images (N, 3, H, W)"

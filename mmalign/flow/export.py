@@ -1,6 +1,7 @@
 """Final outputs of a flow run: the transformer a diffusers pipeline loads, or its LoRA in the pipeline's own
 `load_lora_weights` format (PEFT-format keys, the adapter's LoRA config in the safetensors header so alpha != rank
-loads with its scale)."""
+loads with its scale), written by the pipeline class's own `save_lora_weights` (SD3's, Wan's, LTX's
+`LTXVideoLoraLoaderMixin`)."""
 
 from __future__ import annotations
 

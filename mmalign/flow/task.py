@@ -17,14 +17,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterator, Literal, Optional
+from functools import cached_property
+from typing import Iterator, Literal, Optional, Union
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from torch import Tensor
 
 from mmalign.config import StrictModel
 from mmalign.flow.adapter import TIMESTEP_SAMPLING, WEIGHTING, FlowAdapter, check_flow_model, load_flow_components
+from mmalign.flow.cache import CACHE_NAME, COND_FIELDS, cache_producer, read_cached_pairs
+from mmalign.flow.online import FlowOnlineConfig, OnlineSampler
 from mmalign.losses import FLOW_BETA_SCHEDULES
 from mmalign.methods import METHODS, check_method, preference_loss
 from mmalign.models.loading import ModelLoadError, move_module
@@ -106,7 +109,8 @@ class FlowNoiseConfig(StrictModel):
 
 
 class FlowDataConfig(StrictModel):
-    shards: str = Field(..., description="pair shards (image models) or video_pair shards (video models).")
+    shards: Optional[str] = Field(None, description="pair shards (image models) or video_pair shards (video "
+                                                    "models); null with `online` (pairs made from samples).")
     resolution: int = Field(512, gt=0, description="Square training size in pixels (centre crop after resizing "
                                                    "the shorter side).")
     num_frames: int = Field(9, gt=0, description="Video: frames per clip (Wan: 4k + 1); a clip with fewer is "
@@ -120,6 +124,37 @@ class FlowDataConfig(StrictModel):
     num_workers: int = Field(0, ge=0)
     strict: bool = Field(False, description="Raise on a corrupt sample or a clip that is too short instead of "
                                             "skipping and counting it.")
+    cache: Union[bool, str] = Field(
+        False, description="true = read the VAE latents (posterior means) and text embeddings from the cache that "
+                           "`mmalign train CONFIG --cache-only` writes next to the shards "
+                           "(`<shards>/cache/flow-<key>/`, keyed by the model's encoder files, dtype, resolution, "
+                           "num_frames and fps: a missing or "
+                           "stale cache is an error before any model loads); the VAE and text encoders then stay off "
+                           "the accelerator. A folder path = the same, with the caches in that folder instead of next "
+                           "to the shards. false = decode and encode every step.")
+
+    @field_validator("cache")
+    @classmethod
+    def _cache_folder(cls, value: bool | str) -> bool | str:
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("an empty string is not a folder: use true (next to the shards), false, or a path")
+        return value
+
+    @model_validator(mode="after")
+    def _check_cache(self) -> "FlowDataConfig":
+        if self.use_cache and self.shards is None:
+            raise ValueError("data.cache holds encodings of data.shards; set data.shards or data.cache false")
+        return self
+
+    @property
+    def use_cache(self) -> bool:
+        """Training reads the cache instead of encoding (data.cache true or a folder)."""
+        return self.cache is not False
+
+    @property
+    def cache_root(self) -> Optional[str]:
+        """The folder holding the caches when data.cache names one; None = `<shards>/cache`."""
+        return self.cache if isinstance(self.cache, str) else None
 
 
 class FlowTrainConfig(BaseTrainConfig):
@@ -130,10 +165,20 @@ class FlowTrainConfig(BaseTrainConfig):
     method: FlowMethodConfig = Field(default_factory=FlowMethodConfig)
     noise: FlowNoiseConfig = Field(default_factory=FlowNoiseConfig)
     data: FlowDataConfig
+    online: Optional[FlowOnlineConfig] = Field(None, description="Online training: pairs made each step from the "
+                                                                 "model's own samples, scored by rewards "
+                                                                 "(mmalign.flow.online); data.shards is then unused.")
 
     @model_validator(mode="after")
     def _check(self) -> "FlowTrainConfig":
         self.reference_mode()
+        if self.online is None and self.data.shards is None:
+            raise ValueError("data.shards is required (or an `online` section, which makes pairs from samples)")
+        if self.online is not None and self.data.shards is not None:
+            raise ValueError("data.shards and online are exclusive: online training makes its pairs from samples; "
+                             "set data.shards: null")
+        if self.online is not None and self.online.ref_update_every and self.reference_mode() == "none":
+            raise ValueError(f"online.ref_update_every: method {self.method.name!r} uses no reference")
         return self
 
     def reference_mode(self) -> str:
@@ -147,16 +192,14 @@ def _weight_dtype(mixed_precision: str) -> torch.dtype:
     return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
 
 
-def build_adapter(cfg: FlowTrainConfig, device: torch.device) -> FlowAdapter:
-    """Load the pipeline, attach LoRA if asked, build the reference the method needs."""
+def build_adapter(cfg: FlowTrainConfig, device: torch.device, encoders_on_device: bool = True) -> FlowAdapter:
+    """Load the pipeline, attach LoRA if asked, build the reference the method needs. encoders_on_device=False
+    leaves the VAE and text encoders on the CPU (training from the latent cache)."""
     m = cfg.model
     comps = load_flow_components(m.pretrained, revision=m.revision, variant=m.variant, shift=m.shift,
                                  transformer_path=m.transformer)
-    encoder_dtype = torch.bfloat16 if cfg.train.mixed_precision == "bf16" else torch.float32
-    for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
-        module = getattr(comps.pipe, name, None)
-        if module is not None:
-            move_module(module, device, torch.float32 if name == "vae" else encoder_dtype)
+    if encoders_on_device:
+        comps.move_encoders(device, cfg.train.mixed_precision)
     transformer = comps.transformer
     weight_dtype = _weight_dtype(cfg.train.mixed_precision)
     ref_dtype = None
@@ -181,16 +224,18 @@ def build_adapter(cfg: FlowTrainConfig, device: torch.device) -> FlowAdapter:
     n = cfg.noise
     adapter = FlowAdapter(comps, reference=cfg.reference_mode(), reference_dtype=ref_dtype,
                           timestep_sampling=n.timestep_sampling, logit_mean=n.logit_mean, logit_std=n.logit_std,
-                          mode_scale=n.mode_scale, weighting=n.weighting)
+                          mode_scale=n.mode_scale, weighting=n.weighting, frame_rate=cfg.data.fps or 25.0)
     if adapter.ref_transformer is not None:
         adapter.ref_transformer.to(device)
     return adapter
 
 
 # -- the training step -----------------------------------------------------------------------------------------
-def compute_loss(cfg: FlowTrainConfig, adapter: FlowAdapter, transformer, unwrapped, batch: dict,
+def compute_loss(cfg: FlowTrainConfig, adapter: FlowAdapter | OnlineSampler, transformer, unwrapped, batch: dict,
                  generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
-    """One micro-batch: surrogates from the adapter, loss from the method table."""
+    """One micro-batch: surrogates from the adapter, loss from the method table (online: from fresh samples)."""
+    if isinstance(adapter, OnlineSampler):
+        return _online_loss(cfg, adapter, transformer, unwrapped, batch, generator)
     method = cfg.method
     surrogates = adapter.surrogates(transformer, batch, generator, with_reference=adapter.reference != "none",
                                     unwrapped=unwrapped)
@@ -202,20 +247,61 @@ def compute_loss(cfg: FlowTrainConfig, adapter: FlowAdapter, transformer, unwrap
     return loss, metrics
 
 
-# -- data --------------------------------------------------------------------------------------------------------
-def _clip_tensor(frames, num_frames: int, resolution: int) -> Tensor:
-    """(T, H, W, 3) uint8 -> (3, num_frames, resolution, resolution) in [-1, 1]: the first num_frames frames, the
-    shorter side resized to `resolution` (bilinear, antialiased), centre-cropped."""
-    import torch.nn.functional as F
+def _online_loss(cfg: FlowTrainConfig, sampler: OnlineSampler, transformer, unwrapped, batch: dict,
+                 generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
+    """Sample, score and pick the groups of a micro-batch of prompts (`mmalign.flow.online`), then the loss."""
+    from mmalign.models.contract import Surrogates
+    from mmalign.train.tasks import SkipBatch
 
-    x = torch.as_tensor(frames[:num_frames]).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (T, 3, H, W)
-    h, w = x.shape[-2:]
-    scale = resolution / min(h, w)
-    nh, nw = max(resolution, round(h * scale)), max(resolution, round(w * scale))
-    if (nh, nw) != (h, w):
-        x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
-    top, left = (nh - resolution) // 2, (nw - resolution) // 2
-    return x[:, :, top:top + resolution, left:left + resolution].permute(1, 0, 2, 3).contiguous()
+    method, adapter = cfg.method, sampler.adapter
+    g = sampler.groups(unwrapped, list(batch["captions"]), method.name, generator)
+    kept, scale = g["kept"], 1.0
+    if not kept.any():
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1
+        if not distributed:
+            raise SkipBatch("online_no_gap", f"prompts {list(batch['keys'])}: every group's best and worst rewards "
+                                             f"are within online.min_gap {cfg.online.min_gap}")
+        kept, scale = torch.ones_like(kept), 0.0  # the ranks must run the same passes: a step that moves nothing
+    index = kept.nonzero().squeeze(1)
+    device = next(unwrapped.parameters()).device
+    latents = g["latents"][:, index].to(device)
+    err, ref, sigmas = adapter.group_errors(transformer, latents, g["cond"].select(index), generator,
+                                            with_reference=adapter.reference != "none", unwrapped=unwrapped)
+    surrogates = Surrogates(-err, None if ref is None else -ref, "error", t=sigmas)
+    loss, metrics = preference_loss(method.name, surrogates, beta=method.beta or 1.0,
+                                    beta_schedule=method.beta_schedule, rewards=g["item_rewards"][:, index],
+                                    temperature=method.temperature)
+    metrics.update(g["metrics"])
+    return loss * scale if scale != 1.0 else loss, metrics
+
+
+# -- data --------------------------------------------------------------------------------------------------------
+def prompt_batches(path: str, batch_size: int, *, seed: int, rank: int, world_size: int, skip: int,
+                   limit: int | None = None) -> Iterator[dict]:
+    """Endless micro-batches `{"captions", "keys", "epoch"}` of prompts for online training: each epoch a fresh
+    permutation (seeded by `seed` and the epoch), dealt to the ranks in turn, incomplete batches dropped; the first
+    `skip` are consumed silently (resume)."""
+    import numpy as np
+
+    from mmalign.data.prompts import read_prompt_rows
+
+    prompts = [p for p, _ in read_prompt_rows(path, limit=limit)]
+    per_epoch = len(prompts) // (batch_size * world_size)
+    if per_epoch == 0:
+        raise DataError(f"online.prompts {path}: {len(prompts)} prompts are fewer than train.batch_size "
+                        f"{batch_size} x {world_size} processes")
+    produced, epoch = 0, 0
+    while True:
+        order = np.random.default_rng([seed, epoch]).permutation(len(prompts))
+        for j in range(per_epoch):
+            produced += 1
+            if produced <= skip:
+                continue
+            start = (j * world_size + rank) * batch_size
+            idx = order[start:start + batch_size].tolist()
+            yield {"captions": [prompts[i] for i in idx], "keys": [f"prompt-{i:06d}" for i in idx], "epoch": epoch}
+        epoch += 1
 
 
 def _item_rewards(extra: dict | None, dims: dict[str, float], key: str) -> tuple[float, float]:
@@ -234,7 +320,17 @@ def video_pair_batch(batch: dict, dims: dict[str, float], num_frames: int, resol
                      strict: bool = False, rewards: bool = False) -> dict:
     """A `collate_video_pairs` batch (frames decoded) -> `{"videos": (2B', 3, F, R, R) [winners; losers],
     "captions", "ties_dropped", "short_dropped"}`; see the module docstring for the winner vote. With `rewards`
-    (Flow-RWR) every pair is kept as [A; B] (ties too) and `"item_rewards"` (2, B') holds their rewards."""
+    (Flow-RWR) every pair is kept as [A; B] (ties too) and `"item_rewards"` (2, B') holds their rewards. A pair with
+    a clip shorter than `num_frames` is a bad sample, as a corrupt one: added to the batch's `skipped` (the loop's
+    `skipped_samples`) and `skip_reasons["short_clip"]`.
+
+    A batch read with the latent cache (`batch["cache"]["flow"]`: per pair the latents of A and B in stored order and
+    their decoded frame counts, `mmalign.flow.cache`) gives `"latents"` (2B', ...) [winners; losers] and the
+    conditioning's fields (`"prompt_embeds"` (B', L, D), ...) instead of `"videos"`, by the same vote."""
+    from mmalign.data.transforms import video_to_tensor
+
+    cached = batch["cache"][CACHE_NAME] if "cache" in batch else None
+    kept = []
     winners, losers, captions, item_rewards = [], [], [], []
     ties = short = 0
     labels = batch["labels"]
@@ -248,22 +344,38 @@ def video_pair_batch(batch: dict, dims: dict[str, float], num_frames: int, resol
         if vote == 0:
             ties += 1
             continue
-        a, b = batch["frames_a"][i], batch["frames_b"][i]
-        if min(len(a), len(b)) < num_frames:
+        if cached is None:
+            clips = (batch["frames_a"][i], batch["frames_b"][i])
+            n_a, n_b = len(clips[0]), len(clips[1])
+        else:
+            n_a, n_b = (int(n) for n in cached["frames"][i])
+        if min(n_a, n_b) < num_frames:
             if strict:
-                raise DataError(f"{batch['keys'][i]}: clips of {len(a)} and {len(b)} frames, fewer than "
+                raise DataError(f"{batch['keys'][i]}: clips of {n_a} and {n_b} frames, fewer than "
                                 f"data.num_frames {num_frames}")
             short += 1
             continue
         if rewards:
             item_rewards.append(_item_rewards(batch["extra"][i] if "extra" in batch else None, dims,
                                               batch["keys"][i]))
-        win, lose = (a, b) if vote > 0 else (b, a)
-        winners.append(_clip_tensor(win, num_frames, resolution))
-        losers.append(_clip_tensor(lose, num_frames, resolution))
+        win = 0 if vote > 0 else 1  # A or B
+        if cached is None:
+            winners.append(video_to_tensor(clips[win], num_frames, resolution))
+            losers.append(video_to_tensor(clips[1 - win], num_frames, resolution))
+        else:
+            winners.append(torch.as_tensor(cached["latents"][i][win]))
+            losers.append(torch.as_tensor(cached["latents"][i][1 - win]))
+        kept.append(i)
         captions.append(prompt)
-    videos = torch.stack(winners + losers) if captions else None  # None: nothing decided (FlowTask.skip_reason)
-    out = {"videos": videos, "captions": captions, "ties_dropped": ties, "short_dropped": short}
+    stacked = torch.stack(winners + losers) if captions else None  # None: nothing decided (FlowTask.skip_reason)
+    out = {"videos" if cached is None else "latents": stacked, "captions": captions, "ties_dropped": ties,
+           "short_dropped": short}
+    if cached is not None:
+        out.update({f: torch.as_tensor(cached[f])[kept] for f in COND_FIELDS if f in cached})
+    if short:
+        reasons = dict(batch.get("skip_reasons") or {})
+        reasons["short_clip"] = reasons.get("short_clip", 0) + short
+        out.update(skipped=int(batch.get("skipped", 0)) + short, skip_reasons=reasons)
     if rewards and captions:
         out["item_rewards"] = torch.tensor(item_rewards, dtype=torch.float32).T.contiguous()
     return out
@@ -295,6 +407,11 @@ class FlowTask(Task):
         self.adapter: FlowAdapter | None = None
         self.family: str | None = None
 
+    @cached_property
+    def producer(self) -> dict:
+        """What the latent cache of this config is keyed by (`mmalign.flow.cache.cache_producer`)."""
+        return cache_producer(self.cfg)
+
     def check_inputs(self) -> None:
         """Model family, scheduler, frame count and size, and the shards' schema, before any weights load."""
         from mmalign.data.manifest import open_source
@@ -322,40 +439,123 @@ class FlowTask(Task):
             if cfg.data.resolution % s_factor:
                 raise TrainingError(f"data.resolution {cfg.data.resolution}: SD3 needs a multiple of {s_factor} "
                                     "(VAE downsampling x patch size)")
-        video = self.family in ("wan", "toy_video")
+        elif self.family == "ltx":
+            # AutoencoderKLLTXVideo's ratios: explicit in the config, else patch size x 2^(scaling blocks); the
+            # defaults are LTX-Video's (8x temporal, 32x spatial), for hub ids whose configs are read when loading.
+            vae = _subconfig(cfg.model.pretrained, "vae")
+            tr = _subconfig(cfg.model.pretrained, "transformer")
+            scaling = 2 ** sum(vae.get("spatio_temporal_scaling", [True, True, True, False]))
+            t_factor = vae.get("temporal_compression_ratio") or vae.get("patch_size_t", 1) * scaling
+            s_factor = (vae.get("spatial_compression_ratio") or vae.get("patch_size", 4) * scaling) * tr.get(
+                "patch_size", 1)
+            n, r = cfg.data.num_frames, cfg.data.resolution
+            if (n - 1) % t_factor:
+                low = t_factor * ((n - 1) // t_factor) + 1
+                raise TrainingError(f"data.num_frames {n}: LTX's VAE takes {t_factor}k+1 frames (e.g. {low} or "
+                                    f"{low + t_factor})")
+            if r % s_factor:
+                raise TrainingError(f"data.resolution {r}: LTX needs a multiple of {s_factor} (VAE downsampling x "
+                                    f"patch size; e.g. {max(s_factor, s_factor * round(r / s_factor))})")
+        video = self.family in ("wan", "ltx", "toy_video")
+        if cfg.online is not None:
+            self._check_online()
+            return
         src = open_source(cfg.data.shards)
         wanted = "video_pair" if video else "pair"
         if src.schema != wanted:
             raise DataError(f"data.shards {cfg.data.shards}: holds {src.schema!r} samples; {self.family} models "
                             f"train on {wanted!r} shards")
+        if cfg.data.use_cache:
+            from mmalign.data.cache import StaleCacheError, open_cache
+
+            try:
+                open_cache(cfg.data.shards, CACHE_NAME, self.producer, root=cfg.data.cache_root)
+            except StaleCacheError as err:
+                raise StaleCacheError(f"data.cache {cfg.data.cache}: {err}. Build the cache for this config with "
+                                      "`mmalign train CONFIG --cache-only` (same overrides)") from None
+
+    def _check_online(self) -> None:
+        """The prompt file, the family and the rewards' names (no weights load)."""
+        from mmalign.data.prompts import read_prompt_rows
+        from mmalign.rewards.base import ScorerError
+        from mmalign.rewards.registry import SCORERS, scorer_kind
+
+        o = self.cfg.online
+        if self.family not in ("sd3", "wan", "toy_video"):
+            raise TrainingError(f"online: sampling supports sd3, wan and toy_video pipelines, not {self.family!r}")
+        try:
+            read_prompt_rows(o.prompts, limit=o.max_prompts)
+        except (OSError, ValueError) as err:
+            raise DataError(f"online.prompts: {err}") from None
+        want = "video" if self.family in ("wan", "toy_video") else "image"
+        for i, spec in enumerate(o.rewards):
+            try:
+                kind = scorer_kind(spec.scorer)
+            except ScorerError as err:
+                raise TrainingError(f"online.rewards[{i}]: {err}") from None
+            if kind == "latent" or (kind == "video" and want == "image") or (
+                    kind == "image" and want == "video" and spec.scorer.partition("=")[0] in SCORERS):
+                raise TrainingError(f"online.rewards[{i}] {spec.scorer!r} scores {kind} inputs; {self.family} "
+                                    f"samples are {want}s (use a {want} scorer)")
+
+    def check_sharded(self) -> None:
+        if self.cfg.online is not None and self.cfg.online.ref_update_every:
+            raise TrainingError("online.ref_update_every copies the policy into the reference, which needs the "
+                                "whole weights on every process; use DDP (no FSDP / ZeRO-3) or ref_update_every: 0")
+
+    def after_optimizer_step(self, unwrapped) -> None:
+        if self.adapter is not None and self.adapter.refreshed is not None:
+            self.adapter.refreshed.after_step(unwrapped)
 
     def skip_reason(self, batch: dict) -> tuple[str, str] | None:
-        if "videos" in batch and batch["videos"] is None:
+        if ("videos" in batch and batch["videos"] is None) or ("latents" in batch and batch["latents"] is None):
             return ("no_decided_pairs", f"a micro-batch of video pairs with {batch['ties_dropped']} ties under "
                                         f"data.dims and {batch['short_dropped']} clips shorter than data.num_frames")
         return None
 
     def build(self, device) -> Built:
-        self.adapter = build_adapter(self.cfg, device)
+        self.adapter = build_adapter(self.cfg, device, encoders_on_device=not self.cfg.data.use_cache)
         transformer = self.adapter.c.transformer
         params = [p for p in transformer.parameters() if p.requires_grad]
-        return Built(module=transformer, params=params, model=self.adapter)
+        o = self.cfg.online
+        if o is None:
+            return Built(module=transformer, params=params, model=self.adapter)
+        from mmalign.guidance.rewards import RewardSet
+        from mmalign.models.reference import RefreshedReference
+
+        stateful = []
+        if o.ref_update_every:
+            self.adapter.refreshed = RefreshedReference(self.adapter.reference, o.ref_update_every,
+                                                        self.adapter.ref_transformer)
+            stateful.append(self.adapter.refreshed)
+        rewards = RewardSet.load(o.rewards, device=device)
+        sampler = OnlineSampler(self.adapter, o, rewards, num_frames=self.cfg.data.num_frames,
+                                resolution=self.cfg.data.resolution)
+        return Built(module=transformer, params=params, model=sampler, stateful=stateful)
 
     def batches(self, rank: int, world_size: int, skip: int) -> Iterator[dict]:
         from mmalign.train.data import endless_batches
 
         cfg, d = self.cfg, self.cfg.data
+        if cfg.online is not None:
+            yield from prompt_batches(cfg.online.prompts, cfg.train.batch_size, seed=cfg.run.seed, rank=rank,
+                                      world_size=world_size, skip=skip, limit=cfg.online.max_prompts)
+            return
         rwr = cfg.method.name == "flow_rwr"
         common = dict(shuffle=d.shuffle_buffer > 0, shuffle_buffer=max(d.shuffle_buffer, 1), seed=cfg.run.seed,
                       rank=rank, world_size=world_size, strict=d.strict)
-        if self.family in ("wan", "toy_video"):
+        if self.family in ("wan", "ltx", "toy_video"):
             from mmalign.data.collate import collate_video_pairs
             from mmalign.data.dataset import VideoPairDataset
             from mmalign.data.video import FrameSampling
 
-            frames = FrameSampling(fps=d.fps, max_frames=None) if d.fps else FrameSampling(max_frames=None)
             extra = ("rewards_a", "rewards_b") if rwr else ()
-            dataset = VideoPairDataset(d.shards, frames=frames, extra_fields=extra, **common)
+            if d.use_cache:  # latents + text from the cache, no video decoded
+                dataset = VideoPairDataset(d.shards, decode_videos=False, extra_fields=extra, **common,
+                                           caches={CACHE_NAME: self.producer}, cache_root=d.cache_root)
+            else:
+                frames = FrameSampling(fps=d.fps, max_frames=None) if d.fps else FrameSampling(max_frames=None)
+                dataset = VideoPairDataset(d.shards, frames=frames, extra_fields=extra, **common)
             for batch in endless_batches(dataset, collate_video_pairs, cfg.train.batch_size, skip=skip,
                                          num_workers=d.num_workers, what=f"data.shards {d.shards}"):
                 yield {**batch, **video_pair_batch(batch, d.dims, d.num_frames, d.resolution, d.strict, rwr)}
@@ -365,11 +565,20 @@ class FlowTask(Task):
         from mmalign.data.collate import collate_pairs
         from mmalign.data.dataset import PairDataset
 
-        dataset = PairDataset(d.shards, transforms={"resolution": d.resolution, "crop": "center"}, ties="drop",
-                              extra_fields=("rewards",) if rwr else (), **common)
+        images = (dict(decode_images=False, caches={CACHE_NAME: self.producer}, cache_root=d.cache_root)
+                  if d.use_cache else dict(transforms={"resolution": d.resolution, "crop": "center"}))
+        dataset = PairDataset(d.shards, ties="drop", extra_fields=("rewards",) if rwr else (), **images, **common)
         for batch in endless_batches(dataset, partial(collate_pairs), cfg.train.batch_size, skip=skip,
                                      num_workers=d.num_workers, what=f"data.shards {d.shards}"):
+            if d.use_cache:
+                batch = {**batch, **read_cached_pairs(batch)}
             yield {**batch, "item_rewards": pair_item_rewards(batch)} if rwr else batch
+
+    def build_cache(self) -> Path:
+        """`mmalign train CONFIG --cache-only`: `mmalign.flow.cache.build_cache` (the transformer never loads)."""
+        from mmalign.flow.cache import build_cache
+
+        return build_cache(self.cfg, progress=self.cfg.train.progress)
 
     def save_final(self, unwrapped, run_dir: Path, state_dict: dict | None = None) -> dict[str, str]:
         """The transformer (full fine-tune) or its LoRA in the pipeline's `load_lora_weights` format."""

@@ -81,3 +81,42 @@ def build_tiny_wan(out_dir: str | os.PathLike, seed: int = 0, scheduler: str = "
     out_dir = Path(out_dir)
     pipe.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
+
+
+def build_tiny_ltx(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Save a randomly initialised tiny LTX-Video-style text-to-video pipeline (`LTXPipeline`) and return its path:
+    an `LTXVideoTransformer3DModel` (patch 1, 2 layers, 8 latent channels), an `AutoencoderKLLTXVideo` at LTX's 8x
+    temporal compression (9 frames -> 2 latent frames, 8k + 1 frames as the real VAE) and 8x spatial (32x32 ->
+    4x4; the real VAE is 32x), a 1-layer T5 encoder over the toy-word tokenizer, and LTX-Video's own
+    `FlowMatchEulerDiscreteScheduler` config (dynamic shifting, base/max shift 0.95/2.05, shift_terminal 0.1).
+
+    The VAE's per-channel `latents_mean` / `latents_std` buffers are random and its `scaling_factor` is 1.5 (the
+    real VAE's is 1.0), so a test sees where each enters `LTXPipeline._normalize_latents`."""
+    from diffusers import (AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXPipeline,
+                           LTXVideoTransformer3DModel)
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    tokenizer = word_clip_tokenizer(model_max_length=128)  # LTXPipeline pads prompts to 128 tokens
+    text_encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=16, d_kv=8, d_ff=32, num_layers=1,
+                                           num_heads=2, relative_attention_num_buckets=8, pad_token_id=1,
+                                           eos_token_id=1, decoder_start_token_id=0))
+    vae = AutoencoderKLLTXVideo(latent_channels=8, block_out_channels=(8, 8, 8, 8),
+                                decoder_block_out_channels=(8, 8, 8, 8), layers_per_block=(1, 1, 1, 1, 1),
+                                decoder_layers_per_block=(1, 1, 1, 1, 1),
+                                spatio_temporal_scaling=(True, True, True, False),
+                                decoder_spatio_temporal_scaling=(True, True, True, False), patch_size=1,
+                                patch_size_t=1, scaling_factor=1.5)
+    with torch.no_grad():
+        vae.latents_mean.copy_(0.1 * torch.randn(8))
+        vae.latents_std.copy_(0.5 + torch.rand(8))
+    transformer = LTXVideoTransformer3DModel(in_channels=8, out_channels=8, patch_size=1, patch_size_t=1,
+                                             num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
+                                             num_layers=2, caption_channels=16)
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.95, max_shift=2.05,
+                                                base_image_seq_len=1024, max_image_seq_len=4096, shift_terminal=0.1)
+    pipe = LTXPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                       transformer=transformer)
+    out_dir = Path(out_dir)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir

@@ -69,3 +69,89 @@ def adapters_disabled(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
     else:
         raise ValueError(f"reference 'lora' needs a model with LoRA adapters; {type(module).__name__} has none "
                          "(use reference 'copy' for full fine-tunes)")
+
+
+class RefreshedReference:
+    """A reference that is moved to the policy every `every` optimizer steps (online training: flow_grpo's
+    `ref_update_step`), saved in checkpoints so a resumed run compares against the same reference.
+
+    - `copy`: `refresh` loads the policy's weights into the frozen copy `ref_module` (in its dtype).
+    - `lora`: the snapshot is the LoRA tensors alone (the trainable parameters); the reference forward runs the
+      policy with the snapshot swapped in (`weights`), so no second network is kept. Before the first refresh the
+      reference is the base model (adapters disabled), as without refreshing.
+
+    `every` = 0 never refreshes. `state_dict()` holds the step counter and the snapshot (LoRA tensors; for `copy`
+    the whole reference's weights, so checkpoints grow by one model).
+    """
+
+    def __init__(self, mode: str, every: int, ref_module: torch.nn.Module | None = None):
+        if mode not in ("lora", "copy"):
+            raise ValueError(f"a refreshed reference is 'lora' or 'copy', got {mode!r}")
+        if mode == "copy" and ref_module is None:
+            raise ValueError("reference 'copy' needs the frozen copy to refresh")
+        self.mode, self.every, self.ref_module = mode, int(every), ref_module
+        self.steps = 0
+        self.refreshes = 0
+        self.lora: dict[str, torch.Tensor] | None = None
+
+    def after_step(self, policy: torch.nn.Module) -> bool:
+        """Count one optimizer step; refresh (and return True) when `every` steps have passed."""
+        self.steps += 1
+        if self.every and self.steps % self.every == 0:
+            self.refresh(policy)
+            return True
+        return False
+
+    @torch.no_grad()
+    def refresh(self, policy: torch.nn.Module) -> None:
+        if self.mode == "copy":
+            for ref, p in zip(self.ref_module.parameters(), policy.parameters()):
+                ref.copy_(p.to(ref.dtype))
+        else:
+            self.lora = {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
+        self.refreshes += 1
+
+    @contextlib.contextmanager
+    def weights(self, policy: torch.nn.Module) -> Iterator[torch.nn.Module]:
+        """The reference network: the refreshed copy, the policy with the LoRA snapshot swapped in, or (`lora`
+        before any refresh) the policy with its adapters disabled. Use under `torch.no_grad()`; the policy's own
+        LoRA tensors are put back on exit (the storage is swapped, not written, so a pending backward through
+        the policy still sees its own weights)."""
+        if self.mode == "copy":
+            yield self.ref_module
+            return
+        if self.lora is None:
+            with adapters_disabled(policy) as model:
+                yield model
+            return
+        params = dict(policy.named_parameters())
+        missing = sorted(set(self.lora) - set(params))
+        if missing:
+            raise RuntimeError(f"the LoRA snapshot names parameters the policy does not have: {missing[:3]}")
+        saved = {n: params[n].data for n in self.lora}
+        try:
+            for n, tensor in self.lora.items():
+                # requires_grad off while swapped: autocast caches its casts of trainable leaves for the whole
+                # autocast region, keyed by the parameter, and would hand the reference the policy's weights
+                params[n].requires_grad_(False)
+                params[n].data = tensor.to(params[n].device, params[n].dtype)
+            yield policy
+        finally:
+            for n, data in saved.items():
+                params[n].data = data
+                params[n].requires_grad_(True)
+
+    def state_dict(self) -> dict:
+        state = {"steps": torch.tensor(self.steps), "refreshes": torch.tensor(self.refreshes)}
+        if self.mode == "copy":
+            state["weights"] = {k: v.detach().clone() for k, v in self.ref_module.state_dict().items()}
+        elif self.lora is not None:
+            state["lora"] = {k: v.detach().cpu().clone() for k, v in self.lora.items()}
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps, self.refreshes = int(state["steps"]), int(state["refreshes"])
+        if self.mode == "copy":
+            self.ref_module.load_state_dict(state["weights"])
+        else:
+            self.lora = ({k: v.clone() for k, v in state["lora"].items()} if "lora" in state else None)

@@ -64,11 +64,19 @@ def _toy(component: str) -> Callable:
     return build
 
 
+def _toy_video(source):
+    from mmalign.rewards.toy import ToyVideoScorer
+
+    if source:
+        raise ScorerError(f"toy_video takes no source, got {source!r}")
+    return ToyVideoScorer()
+
+
 SCORERS: dict[str, Callable[[str | None], Scorer]] = {
     "clip_score": _clip_score, "pickscore": _pickscore, "hps": _hps, "aesthetic": _aesthetic, "video": _video,
     "toy": _toy("all"), "toy_color": _toy("color"), "toy_color_soft": _toy("color_soft"),
     "toy_shape": _toy("shape"), "toy_position": _toy("position"), "toy_total": _toy("total"),
-    "toy_brightness": _toy("brightness"),
+    "toy_brightness": _toy("brightness"), "toy_video": lambda source: _toy_video(source),
 }
 # Scorers whose score is differentiable in the image tensor (CLIP towers on the tensor path, the soft toy rewards):
 # what gradient guidance can use. Known by name, so a wrong choice is refused before any weights load.
@@ -120,8 +128,12 @@ def scorer_kind(spec: str) -> str:
     card_kind = (read_scorer_card(folder) or {}).get("kind") if os.path.isdir(folder) else None
     if (eq and name == "latent") or card_kind == "latent":
         return "latent"
-    if name == "video" or card_kind == "video":
+    if name in ("video", "toy_video") or card_kind == "video":
         return "video"
+    if not eq and _FUNCTION.match(spec.strip()):  # a user function says `fn.modality = "video"`
+        from mmalign.rewards.toy import load_function
+
+        return load_function(spec.strip()).modality
     return "image"
 
 

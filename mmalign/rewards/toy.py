@@ -6,6 +6,7 @@
 | `toy_color_soft` | `color_adherence_torch`: differentiable, for guidance |
 | `toy_brightness` | mean luma `0.299 R + 0.587 G + 0.114 B` of the image in [0, 1]: differentiable, a second reward that pulls against colour adherence (brighter backgrounds become foreground) |
 | `toy` | (N, 4) with dims color, shape, position, total |
+| `toy_video` | the video toy world's ground truth (`mmalign.toy.video_rewards`), (N, 3): VQ, MQ, TA, on clips |
 """
 
 from __future__ import annotations
@@ -78,12 +79,55 @@ class ToyScorer(Scorer):
         return torch.as_tensor(np.asarray(values), dtype=torch.float32, device=self.device)
 
 
+class ToyVideoScorer(Scorer):
+    """The video toy world's ground-truth rewards VQ, MQ, TA (`mmalign.toy.video_rewards`): `score(videos,
+    prompts) -> (N, 3)`.
+
+    videos: a float tensor (N, T, 3, H, W) in [0, 1] (what `WanPipeline(output_type="pt")` returns; quantised to
+    uint8 as a saved clip would be) or uint8 clips (N, T, H, W, 3) / a list of (T, H, W, 3). Not differentiable.
+    """
+
+    modality = "video"
+
+    def __init__(self):
+        super().__init__()
+        from mmalign.toy import video_rewards as r
+
+        self.name = "toy_video"
+        self.dims = r.VIDEO_DIMENSIONS
+        self.version = _source_version("toy_video", r)
+        self.differentiable = False
+
+    def score(self, videos: Any, prompts) -> torch.Tensor:
+        from mmalign.rewards.base import as_prompt_list
+        from mmalign.toy import video_rewards as r
+
+        if isinstance(videos, torch.Tensor) and videos.is_floating_point():
+            if videos.ndim != 5 or videos.shape[2] != 3:
+                raise ScorerError(f"float videos must be (N, T, 3, H, W) in [0, 1], got {tuple(videos.shape)}")
+            clips = r.to_uint8_clips(videos.detach().permute(0, 1, 3, 4, 2))
+        else:
+            clips = np.stack([np.asarray(v) for v in videos])
+            if clips.dtype != np.uint8 or clips.ndim != 5 or clips.shape[-1] != 3:
+                raise ScorerError(f"videos must be a float (N, T, 3, H, W) tensor in [0, 1] or uint8 (N, T, H, W, 3) "
+                                  f"clips, got {clips.dtype} {clips.shape}")
+        prompts = as_prompt_list(prompts, clips.shape[0])
+        try:
+            parts = r.video_rewards(clips, prompts)
+        except (TypeError, ValueError) as err:
+            raise ScorerError(f"toy_video: {err}") from None
+        values = np.stack([np.asarray(parts[d], dtype=np.float32) for d in self.dims], 1)
+        return torch.as_tensor(values, dtype=torch.float32, device=self.device)
+
+
 class FunctionScorer(Scorer):
     """A user function `fn(images, prompts) -> (N,) or (N, D)` (tensor, array or list) as a scorer.
 
     `images` reach the function as given to `score` after the common checks: a list of RGB PIL images, or the
     float (N, 3, H, W) tensor in [0, 1]. Set `fn.dims = ("a", "b")` for a multi-dimension reward, and
     `fn.differentiable = True` when its output is differentiable in the tensor (gradient guidance may use it).
+    A video reward sets `fn.modality = "video"`: it gets the videos as given (float (N, T, 3, H, W) in [0, 1] from
+    the samplers), unchecked.
     """
 
     def __init__(self, fn: Callable, name: str):
@@ -94,6 +138,21 @@ class FunctionScorer(Scorer):
         self.dims = tuple(dims) if dims else None
         self.version = _source_version("fn", fn)
         self.differentiable = bool(getattr(fn, "differentiable", False))
+        self.modality = getattr(fn, "modality", "image")
+        if self.modality not in ("image", "video"):
+            raise ScorerError(f"user scorer {name!r}: modality must be 'image' or 'video', got {self.modality!r}")
+
+    def score(self, images, prompts) -> torch.Tensor:
+        if self.modality == "image":
+            return super().score(images, prompts)
+        from mmalign.rewards.base import as_prompt_list
+
+        n = len(images)
+        out = self._score("video", images, as_prompt_list(prompts, n)).float()
+        expected = (n,) if self.dims is None else (n, len(self.dims))
+        if tuple(out.shape) != expected:
+            raise ScorerError(f"scorer {self.name!r} returned shape {tuple(out.shape)}, expected {expected}")
+        return out
 
     def _score(self, kind, images, prompts):
         out = self.fn(images, prompts)

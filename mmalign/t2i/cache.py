@@ -10,12 +10,12 @@ them off the accelerator; building it never loads the UNet.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
+from mmalign.data.cache import files_fingerprint
 from mmalign.models.loading import move_module
 from mmalign.t2i.adapter import CACHE_NAME, T2IAdapter, encoder_dtype, load_t2i_components
 from mmalign.train.trainer import TrainingError
@@ -30,18 +30,7 @@ EMPTY_PROMPT_FILE = "empty_prompt.safetensors"  # the "" embedding (proportion_e
 def _encoder_fingerprint(pretrained: str) -> str | None:
     """sha256 over the files of a local pipeline's VAE, text encoders and tokenizers (what the cache holds the
     output of); None for a hub id (then the id and revision key the cache)."""
-    root = Path(pretrained)
-    if not root.is_dir():
-        return None
-    h = hashlib.sha256()
-    for sub in ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
-        for path in sorted((root / sub).rglob("*")) if (root / sub).is_dir() else []:
-            if path.is_file():
-                h.update(str(path.relative_to(root)).encode() + b"\0")
-                with path.open("rb") as fh:
-                    for chunk in iter(lambda: fh.read(1 << 22), b""):
-                        h.update(chunk)
-    return h.hexdigest()
+    return files_fingerprint(pretrained, ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"))
 
 
 def cache_producer(cfg: T2ITrainConfig) -> dict:

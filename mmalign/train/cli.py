@@ -13,7 +13,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dotted overrides, e.g. optim.lr=1e-5 train.max_steps=10")
     parser.add_argument("--cache-only", action="store_true",
                         help="encode the shards once into the task's cache (t2i: VAE posteriors, text embeddings, "
-                             "SDXL sizes; next to the shards) and exit; then train with data.cache=true")
+                             "SDXL sizes; flow: VAE latents and text embeddings of images or clips; next to the "
+                             "shards) and exit; then train with data.cache=true")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
 

@@ -335,7 +335,8 @@ def train(cfg: BaseTrainConfig) -> TrainResult:
             row["time/step"] = window_step_s / window_steps
             row["time/data_wait"] = window_wait_s / window_steps
             row["time/data_wait_fraction"] = window_wait_s / max(window_step_s, 1e-12)
-            row["skipped_samples"] = state.skipped_samples
+            row["skipped_samples"] = int(accelerator.reduce(  # bad samples every process read, summed
+                torch.tensor(float(state.skipped_samples), device=device), reduction="sum").item())
             row["nonfinite_steps"] = state.nonfinite_steps
             for reason, count in skipped_batch_counts(state, accelerator).items():
                 row[f"skipped/{reason}"] = count

@@ -1,7 +1,7 @@
 r"""The prepared GPU benchmark suite (`scripts/bench/gpu.sh` runs it): one table, random weights, no downloads.
 
 Rows, each job in its own process under its own time limit (a failing or out-of-memory job prints
-`failed: <reason>` in its cells and the others still run), all inside one deadline (`--deadline-min`, default 7.5;
+`failed: <reason>` in its cells and the others still run), all inside one deadline (`--deadline-min`, default 11.5;
 a job that no longer fits is `skipped`, saying so):
 
 - SDXL at 1024 px and SD 1.5 at 512 px, Diffusion-DPO, 1 pair per step, bf16 autocast over float32 weights,
@@ -11,6 +11,13 @@ a job that no longer fits is `skipped`, saying so):
   (rank 8) from the cache, the reference being the same UNet with its adapters disabled. The pipeline is built
   from the published configs with random weights on the device, saved (to /dev/shm when it has room), cached
   once, and each variant loads it through mmalign's T2I task in a fresh process.
+- Wan-2.1-T2V-1.3B, Flow-DPO on 1 pair of 33-frame clips at 480 px (square crops, as the flow task trains), bf16
+  autocast over float32 weights, gradient checkpointing, AdamW, through `scripts/bench/flow_step.py`: (a) naive
+  (the VAE and UMT5 text encoder every step, a reference transformer copy), (b) mmalign's latent cache (reference
+  copy), (c) LoRA rank 32 from the cache (the published recipe's), the reference being the disabled adapters. The
+  pipeline is built with the published shapes and random weights on the device (transformer 1536 x 30 layers, the
+  Wan 2.1 VAE, UMT5-XXL's 24 layers over a small vocabulary), saved, cached once, and each variant loads it through
+  mmalign's flow task in a fresh process. Run last: `--rows wan` runs it alone.
 - HPS-sized scoring: the CLIP `mmalign.rewards.hpsv2.hps` builds (open_clip ViT-H-14 as a transformers
   `CLIPModel`: vision 32 layers x 1280 at 224 px, text 24 x 1024, projection 1024; letterbox preprocessing; raw
   cosine) wrapped in mmalign's `CLIPScorer`, random weights, bf16: images/s scoring batches of `--hps-batch`
@@ -60,8 +67,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-sys.path.insert(0, str(HERE))  # t2i_step: the T2I variants and the CPU peak-memory helpers
+sys.path.insert(0, str(HERE))  # t2i_step, flow_step: the T2I and flow variants, the CPU peak-memory helpers
 
+import flow_step  # noqa: E402
 import t2i_step  # noqa: E402
 
 # Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets; the first name contained in
@@ -71,8 +79,10 @@ PEAK_BF16_TFLOPS = (
     ("H100", 989.4), ("H800", 989.4), ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.1),
     ("L40", 181.0), ("L4", 121.0),
 )
-ROWS = ("sdxl", "sd15", "hps", "vlm", "guide")  # the table's order
-RUN_ORDER = ("sdxl", "vlm", "guide", "hps", "sd15")  # what a tight deadline should keep: the rows no CPU run can stand for
+ROWS = ("sdxl", "sd15", "wan", "hps", "vlm", "guide")  # the table's order
+# What a tight deadline should keep: the rows no CPU run can stand for; wan, added last, runs after the others so
+# they keep the time they had.
+RUN_ORDER = ("sdxl", "vlm", "guide", "hps", "sd15", "wan")
 T2I_VARIANTS = (("naive", "(a) naive: VAE + text encoders every step, reference copy, transformers' Adafactor"),
                 ("cached", "(b) cached latents + text, reference copy, mmalign's Adafactor"),
                 ("lora", "(c) LoRA r 8, cached, reference = disabled adapters"))
@@ -88,6 +98,17 @@ def t2i_settings(row: str, tiny: bool, device: str) -> dict:
                 "batch": 2, "warmup": 1, "steps": 1, "pairs": 5}
     return {**common, "sdxl_full": row == "sdxl", "sd15_full": row == "sd15", "dtype": "bf16",
             "resolution": 1024 if row == "sdxl" else 512, "batch": 1, "warmup": 2, "steps": 3}
+
+
+def flow_settings(tiny: bool, device: str) -> dict:
+    """flow_step.py's arguments for the wan row: Wan-2.1-1.3B's shapes (random weights) at 33 frames x 480 px on the
+    device, or the tiny Wan recipe's pipeline and toy video pairs on the CPU."""
+    common = dict(device=device, gradient_checkpointing=True, model=None, shards=None)
+    if tiny:
+        return {**common, "config": "tiny", "dtype": "fp32", "layers": 2, "text_layers": 1, "num_frames": 9,
+                "resolution": 32, "batch": 2, "warmup": 1, "steps": 1}
+    return {**common, "config": "wan-shaped", "dtype": "bf16", "layers": 30, "text_layers": 24, "num_frames": 33,
+            "resolution": 480, "batch": 1, "warmup": 2, "steps": 3}
 
 
 def hps_sizes(tiny: bool) -> dict:
@@ -490,6 +511,40 @@ class Suite:
                 r.ratio = r.value / base
         return results
 
+    def flow_row(self) -> list[Result]:
+        """Flow-DPO steps of Wan-2.1-1.3B (`scripts/bench/flow_step.py`), three ways, as `t2i_row`."""
+        a = self.args
+        s = argparse.Namespace(**flow_settings(a.tiny, a.device))
+        label = ("Wan-2.1-1.3B-shaped" if not a.tiny else "tiny Wan") + f" {s.resolution} px, {s.num_frames} frames"
+        results = [Result("wan", v, f"{label}: {text}") for v, text in flow_step.VARIANTS]
+        caps, mins = ((600, 600), (1, 1)) if a.tiny else ((300, 180), (90, 60))  # prepare, each variant
+        work = self.workdir(1 if a.tiny else 20)
+        try:
+            prep_cmd = [sys.executable, str(HERE / "flow_step.py"), "--prepare", work, "--configs", s.config,
+                        "--device", s.device, "--dtype", s.dtype, "--layers", str(s.layers), "--text-layers",
+                        str(s.text_layers), "--num-frames", str(s.num_frames), "--resolution", str(s.resolution),
+                        "--batch", str(s.batch), "--warmup", str(s.warmup), "--steps", str(s.steps)]
+            prepared, why = self.job("wan/prepare", prep_cmd, caps[0], mins[0])
+            if prepared is None:
+                for r in results:
+                    fail(r, why if why.startswith("skipped") else why.replace("failed: ", "failed: prepare: ", 1))
+                return results
+            s.model, s.shards, s.lora_rank = prepared["model"], prepared["shards"], prepared["lora_rank"]
+            for r in results:
+                out, why = self.job(f"wan/{r.variant}", flow_step.variant_command(s, r.variant), caps[1], mins[1])
+                if out is None:
+                    fail(r, why)
+                    continue
+                r.value, r.peak_gb, r.flops = out["s_per_step"], out["peak_mb"] / 1024, out["flops_per_step"]
+                r.extra = {**out, "prepare": prepared}
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        base = results[0].value
+        for r in results:
+            if r.value is not None and base:
+                r.ratio = r.value / base
+        return results
+
     def child_row(self, row: str, need_gb: float, cap_s: float, min_s: float) -> dict | str:
         a = self.args
         work = self.workdir(need_gb)
@@ -556,6 +611,8 @@ class Suite:
         for row in sorted(a.rows, key=RUN_ORDER.index):
             if row in ("sdxl", "sd15"):
                 by_row[row] = self.t2i_row(row)
+            elif row == "wan":
+                by_row[row] = self.flow_row()
             elif row == "hps":
                 by_row[row] = self.hps_row()
             elif row == "guide":
@@ -590,12 +647,13 @@ def fail(r: Result, why: str) -> Result:
 def table(results: list[Result], meta: dict, args) -> str:
     """The markdown table (and its header lines)."""
     setting = ("tiny models, CPU, float32" if args.tiny else
-               "random weights, bf16 autocast (T2I, float32 weights) / bf16 weights (scorer, VLM)")
+               "random weights, bf16 autocast (T2I and Wan, float32 weights) / bf16 weights (scorer, VLM)")
     lines = [f"mmalign GPU benchmark: {meta['device']}, torch {meta['torch']}, {setting}; {meta['wall_s']:.0f} s "
              f"of a {meta['deadline_s']:.0f} s deadline",
              f"MFU against {meta['peak_tflops']:.4g} TFLOP/s ({meta['peak_source']}); T2I: 1 pair/step "
-             f"(tiny: 2), gradient checkpointing, Adafactor; ratio: s/step against (a), images/s against one at a "
-             "time, guidance s/img against unguided sampling", "",
+             f"(tiny: 2), gradient checkpointing, Adafactor; Wan: 1 pair/step (tiny: 2), gradient checkpointing, "
+             "AdamW; ratio: s/step against (a), images/s against one at a time, guidance s/img against unguided "
+             "sampling", "",
              "| row | speed | ratio | peak GB | TFLOP per step or image | MFU % |",
              "|---|---:|---:|---:|---:|---:|"]
     for r in results:
@@ -617,7 +675,7 @@ def main() -> None:
     ap.add_argument("--out", help="write gpu_bench.md, gpu_bench.json and logs/ here")
     ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
     ap.add_argument("--deadline-min", type=float, default=None,
-                    help="skip jobs that no longer fit (default 7.5; --tiny: 30)")
+                    help="skip jobs that no longer fit (default 11.5; --tiny: 30)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="peak FLOP/s of the device for MFU (TFLOP/s)")
     ap.add_argument("--device", default=None, help="default cuda (--tiny: cpu)")
     ap.add_argument("--dtype", default=None, choices=["bf16", "fp32"], help="default bf16 (--tiny: fp32)")
@@ -635,7 +693,7 @@ def main() -> None:
     ap.add_argument("--child", choices=["hps", "vlm"], help=argparse.SUPPRESS)
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    defaults = dict(deadline_min=(30, 7.5), device=("cpu", "cuda"), dtype=("fp32", "bf16"), warmup=(1, 2),
+    defaults = dict(deadline_min=(30, 11.5), device=("cpu", "cuda"), dtype=("fp32", "bf16"), warmup=(1, 2),
                     steps=(1, 3), hps_batch=(8, 64), hps_images=(16, 512), hps_single_images=(4, 64),
                     vlm_batch=(2, 4), vlm_response_words=(8, 128))
     for k, (tiny, full) in defaults.items():
