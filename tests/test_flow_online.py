@@ -221,3 +221,16 @@ def test_a_micro_batch_with_no_reward_gap_is_skipped_and_counted(toy_video, tmp_
     train(cfg)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["skipped/online_no_gap"] == 2 and all(r["loss"] is None for r in rows)  # NaN: no step ran
+
+
+def test_the_tiny_online_recipe_on_the_shipped_toy_video_base(tmp_path):
+    cfg = load_train_config("configs/tiny/flow_dpo_online_toy_video.yaml",
+                            [f"run.output_dir={tmp_path / 'run'}", "train.progress=false"])
+    train(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    # ln 2 at the start and right after the reference moved to the policy (after optimizer step 3)
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert rows[3]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert all(r["online/reward_best"] > r["online/reward_worst"] for r in rows)
+    assert {"online/toy_video/VQ", "online/toy_video/MQ", "online/toy_video/TA"} <= set(rows[0])

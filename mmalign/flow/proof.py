@@ -168,7 +168,7 @@ def write_pairs(out: Path, pipe, n: int, steps: int, split: str, seed: int, prog
             "mean_reward": {d: float((ra[d].mean() + rb[d].mean()) / 2) for d in DIMS}}
 
 
-def train_reward_model(out: Path, shards: Path, steps: int, progress: bool) -> str:
+def train_reward_model(out: Path, shards: Path, steps: int, pairs: int, progress: bool) -> str:
     """The toy video reward model on `shards`; returns its exported folder (reused if already there)."""
     from mmalign.train.tasks import load_train_config
     from mmalign.train.trainer import train
@@ -179,7 +179,8 @@ def train_reward_model(out: Path, shards: Path, steps: int, progress: bool) -> s
     recipe = copy.deepcopy(RM_RECIPE)
     recipe["run"]["output_dir"] = str(out)
     recipe["data"]["shards"] = str(shards)
-    recipe["train"].update(max_steps=steps, progress=progress)
+    recipe["train"].update(max_steps=steps, progress=progress,
+                           batch_size=min(recipe["train"]["batch_size"], max(1, pairs // 2)))
     return train(load_train_config(None, [], defaults=recipe, source="<toy video reward recipe>")).outputs[
         "reward_model"]
 
@@ -267,7 +268,7 @@ def bench(out: Path, base: str, conditions: list[str], n_seeds: int, n_pairs: in
     rm = None
     if "online_learned" in conditions:
         t0 = time.perf_counter()
-        rm = train_reward_model(out / "reward_model_run", data / "pairs", rm_steps, progress)
+        rm = train_reward_model(out / "reward_model_run", data / "pairs", rm_steps, n_pairs, progress)
         info["reward_model"] = {"folder": rm, "heldout_accuracy": reward_model_accuracy(rm, data / "rm_heldout"),
                                 "seconds": round(time.perf_counter() - t0, 1)}
         print(f"learned video reward model: held-out accuracy {info['reward_model']['heldout_accuracy']}")
@@ -315,8 +316,9 @@ def bench(out: Path, base: str, conditions: list[str], n_seeds: int, n_pairs: in
     k = len(best_clips)
     both = np.stack([base_clips[:k], best_clips], 1).reshape(2 * k, *best_clips.shape[1:])
     save_clip_gif(both, str(out / "samples.gif"), ncol=8, scale=3)
-    save_clip_strip(both[:16], str(out / "samples.png"),
-                    captions=[f"{'base' if j % 2 == 0 else best}: {eval_prompts[j // 2]}" for j in range(16)], scale=3)
+    shown = min(16, len(both))
+    save_clip_strip(both[:shown], str(out / "samples.png"), scale=3,
+                    captions=[f"{'base' if j % 2 == 0 else best}: {eval_prompts[j // 2]}" for j in range(shown)])
     report["table"] = table
     return report
 
