@@ -177,3 +177,42 @@ def test_push_to_hub_is_refused_before_training_by_tasks_that_do_not_upload(tmp_
     with pytest.raises(TrainingError, match="run.push_to_hub: task 'reward' writes no model card"):
         train(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_attach_lora_freezes_the_base_keeps_lora_float32_and_records_alpha():
+    """Under a bf16 base: the base is frozen and cast, the returned parameters are exactly the LoRA A/B weights of
+    the targets, in float32; alpha != rank is what the peft config (and so the exported metadata) holds; gaussian
+    init starts B at zero (the adapted model starts as the base); alpha None means alpha = rank."""
+    from diffusers import ConfigMixin, ModelMixin
+    from diffusers.configuration_utils import register_to_config
+    from diffusers.loaders import PeftAdapterMixin
+
+    from mmalign.models.lora import attach_lora, lora_metadata
+
+    class Tiny(ModelMixin, ConfigMixin, PeftAdapterMixin):  # the mixins diffusers' UNet and transformers carry
+        @register_to_config
+        def __init__(self):
+            super().__init__()
+            self.to_q, self.to_v, self.proj = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+
+    model = Tiny()
+    params = attach_lora(model, rank=4, alpha=16.0, dropout=0.1, target_modules=["to_q", "to_v"], device="cpu",
+                         weight_dtype=torch.bfloat16)
+    named = dict(model.named_parameters())
+    lora = {n for n in named if "lora_" in n}
+    assert lora == {f"{m}.lora_{ab}.default.weight" for m in ("to_q", "to_v") for ab in "AB"}
+    assert {id(p) for p in params} == {id(named[n]) for n in lora}
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in params)
+    base = [p for n, p in named.items() if n not in lora]
+    assert len(base) == 6 and all(p.dtype == torch.bfloat16 and not p.requires_grad for p in base)
+    assert all(named[f"{m}.lora_B.default.weight"].abs().max() == 0 for m in ("to_q", "to_v"))
+    assert named["to_q.lora_A.default.weight"].abs().max() > 0
+    config = model.peft_config["default"]
+    assert (config.r, config.lora_alpha, config.lora_dropout, config.init_lora_weights) == (4, 16.0, 0.1, "gaussian")
+    assert model.to_q.scaling["default"] == 4.0
+    assert (lora_metadata(model)["r"], lora_metadata(model)["lora_alpha"]) == (4, 16.0)
+
+    same = Tiny()
+    attach_lora(same, rank=4, alpha=None, dropout=0.0, target_modules=["to_q"], device="cpu",
+                weight_dtype=torch.float32)
+    assert same.peft_config["default"].lora_alpha == 4 and same.to_q.scaling["default"] == 1.0

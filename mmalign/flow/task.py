@@ -30,7 +30,8 @@ from mmalign.flow.cache import CACHE_NAME, COND_FIELDS, cache_producer, read_cac
 from mmalign.flow.online import FlowOnlineConfig, OnlineSampler
 from mmalign.losses import FLOW_BETA_SCHEDULES
 from mmalign.methods import METHODS, check_method, preference_loss
-from mmalign.models.loading import ModelLoadError, move_module
+from mmalign.models.loading import ModelLoadError
+from mmalign.models.lora import attach_lora
 from mmalign.models.reference import ReferenceChoice, resolve_reference
 from mmalign.train.config import BaseTrainConfig
 from mmalign.train.tasks import Built, Task
@@ -204,16 +205,8 @@ def build_adapter(cfg: FlowTrainConfig, device: torch.device, encoders_on_device
     weight_dtype = _weight_dtype(cfg.train.mixed_precision)
     ref_dtype = None
     if m.lora is not None:
-        from peft import LoraConfig
-
-        transformer.requires_grad_(False)
-        move_module(transformer, device, weight_dtype)
-        transformer.add_adapter(LoraConfig(r=m.lora.rank, lora_alpha=m.lora.alpha or m.lora.rank,
-                                           lora_dropout=m.lora.dropout, init_lora_weights="gaussian",
-                                           target_modules=m.lora.target_modules))
-        for p in transformer.parameters():  # trainable LoRA params stay float32 under mixed precision
-            if p.requires_grad:
-                p.data = p.data.float()
+        attach_lora(transformer, rank=m.lora.rank, alpha=m.lora.alpha, dropout=m.lora.dropout,
+                    target_modules=m.lora.target_modules, device=device, weight_dtype=weight_dtype)
     else:
         transformer.to(device)
         transformer.requires_grad_(True)

@@ -1,7 +1,14 @@
-"""LoRA in the consumer's format: what every modality's export shares (diffusers' `load_lora_weights` reads the
-adapter's config from the safetensors header)."""
+"""LoRA set-up and export in the consumer's format: attaching a diffusers-style adapter to a frozen base (what the
+t2i and flow tasks share), and the adapter's config as diffusers' `load_lora_weights` reads it from the safetensors
+header."""
 
 from __future__ import annotations
+
+from typing import Sequence, Union
+
+import torch
+
+from mmalign.models.loading import move_module
 
 
 class LoraExportError(ValueError):
@@ -29,3 +36,25 @@ def lora_metadata(module, adapter_name: str = "default") -> dict:
     meta["lora_dropout"] = 0.0
     # sets are not JSON; sorted lists keep the file deterministic
     return {k: sorted(v) if isinstance(v, set) else v for k, v in meta.items()}
+
+
+def attach_lora(model: torch.nn.Module, *, rank: int, alpha: float | None, dropout: float,
+                target_modules: Union[Sequence[str], str], device: Union[torch.device, str, None],
+                weight_dtype: torch.dtype, init: Union[str, bool] = "gaussian") -> list[torch.nn.Parameter]:
+    """Freeze `model`, move it to `device` in `weight_dtype`, add a peft LoRA adapter in place (diffusers'
+    `add_adapter`, adapter "default") and return its trainable parameters, kept in float32.
+
+    The LoRA update is `W x + (alpha / rank)·B A x`; alpha None = rank (scale 1). `init` is peft's
+    `init_lora_weights` ("gaussian" = A normal with std 1/rank, B = 0, so the adapted model starts as the base);
+    `target_modules` is peft's (module names, or a regex string).
+    """
+    from peft import LoraConfig
+
+    model.requires_grad_(False)
+    move_module(model, device, weight_dtype)
+    model.add_adapter(LoraConfig(r=rank, lora_alpha=rank if alpha is None else alpha, lora_dropout=dropout,
+                                 init_lora_weights=init, target_modules=target_modules))
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:  # the optimizer updates float32 LoRA weights even when the frozen base is fp16 / bf16
+        p.data = p.data.float()
+    return params

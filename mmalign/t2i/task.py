@@ -21,6 +21,7 @@ from mmalign.config import StrictModel
 from mmalign.losses import DPO_LOSS_TYPES
 from mmalign.methods import METHODS, check_method, preference_loss
 from mmalign.models.loading import move_module, read_model_index
+from mmalign.models.lora import attach_lora
 from mmalign.models.reference import ReferenceChoice, resolve_reference
 from mmalign.t2i.adapter import CACHE_NAME, T2IAdapter, TextConditioning, encoder_dtype, load_t2i_components, \
     sdxl_resolution_problem
@@ -204,16 +205,8 @@ def build_adapter(cfg: T2ITrainConfig, device: torch.device, encoders_on_device:
         unet.enable_xformers_memory_efficient_attention()
     ref_dtype = None
     if m.lora is not None:
-        from peft import LoraConfig
-
-        unet.requires_grad_(False)
-        move_module(unet, device, weight_dtype)
-        unet.add_adapter(LoraConfig(r=m.lora.rank, lora_alpha=m.lora.alpha or m.lora.rank,
-                                    lora_dropout=m.lora.dropout, init_lora_weights="gaussian",
-                                    target_modules=m.lora.target_modules))
-        for p in unet.parameters():  # trainable LoRA params stay float32 under mixed precision
-            if p.requires_grad:
-                p.data = p.data.float()
+        attach_lora(unet, rank=m.lora.rank, alpha=m.lora.alpha, dropout=m.lora.dropout,
+                    target_modules=m.lora.target_modules, device=device, weight_dtype=weight_dtype)
     else:
         unet.to(device)
         unet.requires_grad_(True)
