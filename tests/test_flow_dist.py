@@ -52,3 +52,28 @@ def test_two_process_wan_flow_dpo_starts_at_ln2_syncs_and_saves_the_lora(tmp_pat
     ups = [v for k, v in weights.items() if "lora_B" in k]
     assert ups and all(torch.isfinite(v).all() for v in weights.values())
     assert max(float(v.abs().max()) for v in ups) > 0
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("min_gap", [0.0, 100.0])
+def test_two_process_online_flow_dpo_deals_prompts_refreshes_and_never_hangs_on_empty_groups(tmp_path, min_gap):
+    """Online Flow-DPO on 2 processes: each samples its own prompts, the LoRA and the refreshed reference stay in
+    step. With a reward gap no group can reach (min_gap 100) every process still runs its passes with the loss
+    times 0, so DDP cannot hang on a process that had nothing to train."""
+    script = tmp_path / "dist.py"
+    script.write_text(DIST_SCRIPT)
+    run = tmp_path / "run"
+    torchrun2(script, ROOT / "configs" / "tiny" / "flow_dpo_online_toy_video.yaml", f"run.output_dir={run}",
+              "train.max_steps=2", "train.batch_size=2", "train.progress=false", "train.checkpoint_every=0",
+              "online.num_samples=2", "online.steps=2", "online.ref_update_every=1", f"online.min_gap={min_gap}",
+              timeout=600)
+    r0, r1 = (json.loads((run / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["step"] == r1["step"] == 2 and r0["nonfinite"] == r1["nonfinite"] == 0
+    assert not set(r0["keys"]) & set(r1["keys"])  # the processes drew different prompts
+    assert r0["digest"] == r1["digest"]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    if min_gap == 0.0:  # ln 2 at the start and again after the reference moved to the policy
+        assert [r["loss"] for r in rows] == pytest.approx([math.log(2)] * 2, abs=1e-6)
+        assert all(r["online/groups_skipped"] == 0 for r in rows)
+    else:
+        assert all(r["loss"] == 0.0 and r["online/groups_skipped"] == 2 for r in rows)
