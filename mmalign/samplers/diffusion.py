@@ -76,30 +76,35 @@ def _check(prediction_type: str) -> None:
         raise ValueError(f"prediction_type {prediction_type!r}: use one of {PREDICTION_TYPES}")
 
 
-def to_epsilon(pred: Tensor, x_t: Tensor, abar: float, prediction_type: str) -> Tensor:
-    """The noise the prediction implies."""
+def _at_least(x: Tensor | float, floor: float = 1e-12) -> Tensor | float:
+    return x.clamp(min=floor) if isinstance(x, Tensor) else max(x, floor)
+
+
+def to_epsilon(pred: Tensor, x_t: Tensor, abar: Tensor | float, prediction_type: str) -> Tensor:
+    """The noise the prediction implies. Here and below a tensor `abar` broadcasts against `x_t` (per sample:
+    shape (B, 1, ..., 1))."""
     _check(prediction_type)
     a, s = abar ** 0.5, (1.0 - abar) ** 0.5
     if prediction_type == "epsilon":
         return pred
     if prediction_type == "v_prediction":
         return a * pred + s * x_t
-    return (x_t - a * pred) / max(s, 1e-12)
+    return (x_t - a * pred) / _at_least(s)
 
 
-def from_epsilon(eps: Tensor, x_t: Tensor, abar: float, prediction_type: str) -> Tensor:
+def from_epsilon(eps: Tensor, x_t: Tensor, abar: Tensor | float, prediction_type: str) -> Tensor:
     """The prediction, in `prediction_type`, that implies noise `eps` at `x_t` (inverse of `to_epsilon`)."""
     _check(prediction_type)
     a, s = abar ** 0.5, (1.0 - abar) ** 0.5
     if prediction_type == "epsilon":
         return eps
-    x0 = (x_t - s * eps) / max(a, 1e-12)
+    x0 = (x_t - s * eps) / _at_least(a)
     if prediction_type == "v_prediction":
         return a * eps - s * x0
     return x0
 
 
-def predicted_x0(pred: Tensor, x_t: Tensor, abar: float, prediction_type: str) -> Tensor:
+def predicted_x0(pred: Tensor, x_t: Tensor, abar: Tensor | float, prediction_type: str) -> Tensor:
     """Tweedie's estimate of the clean sample, `E[x0 | x_t] = (x_t - sqrt(1 - abar)·eps) / sqrt(abar)`."""
     _check(prediction_type)
     a, s = abar ** 0.5, (1.0 - abar) ** 0.5
@@ -107,7 +112,7 @@ def predicted_x0(pred: Tensor, x_t: Tensor, abar: float, prediction_type: str) -
         return pred
     if prediction_type == "v_prediction":
         return a * x_t - s * pred
-    return (x_t - s * pred) / max(a, 1e-12)
+    return (x_t - s * pred) / _at_least(a)
 
 
 def guided_update(x_next: Tensor, grad: Tensor, scale: float, abar: float, abar_next: float,
