@@ -15,11 +15,12 @@ from mmalign._lazy import lazy_exports
 _EXPORTS = {
     # readers
     "ShardDataset": "dataset", "PairDataset": "dataset", "RankedDataset": "dataset", "VideoPairDataset": "dataset",
-    "VLMPairDataset": "dataset", "MusicPairDataset": "dataset", "READERS": "dataset", "DataCursor": "dataset",
-    "SkipCounter": "dataset", "CorruptSampleError": "dataset",
+    "VLMPairDataset": "dataset", "MusicPairDataset": "dataset", "StepPairDataset": "dataset", "READERS": "dataset",
+    "DataCursor": "dataset", "SkipCounter": "dataset", "CorruptSampleError": "dataset",
     # collators
     "collate_pairs": "collate", "collate_ranked": "collate", "collate_video_pairs": "collate",
-    "collate_vlm_pairs": "collate", "collate_music_pairs": "collate", "winners_losers": "collate",
+    "collate_vlm_pairs": "collate", "collate_music_pairs": "collate", "collate_step_pairs": "collate",
+    "winners_losers": "collate",
     "COLLATORS": "collate",
     # transforms and video
     "ImageTransforms": "transforms", "transform_images": "transforms", "to_pixel_values": "transforms",
@@ -28,10 +29,12 @@ _EXPORTS = {
     # schemas and writing
     "SCHEMA_VERSIONS": "schemas", "SampleError": "schemas", "pair_sample": "schemas", "ranked_sample": "schemas",
     "video_pair_sample": "schemas", "vlm_pair_sample": "schemas", "music_pair_sample": "schemas",
+    "step_pair_sample": "schemas",
     "sanitize_key": "schemas", "ShardSetWriter": "writer",
     # manifests, safety, caches
     "Manifest": "manifest", "ManifestError": "manifest", "load_manifest": "manifest", "open_source": "manifest",
-    "UnsafeSourceError": "safety", "MissingDependencyError": "deps", "cache_key": "cache", "CacheWriter": "cache", "open_cache": "cache",
+    "UnsafeSourceError": "safety", "MissingDependencyError": "deps", "cache_key": "cache", "CacheWriter": "cache",
+    "open_cache": "cache",
     "list_caches": "cache", "StaleCacheError": "cache",
     # converters and validation
     "ConvertOptions": "convert", "ConversionError": "convert", "convert_pickapic": "convert",

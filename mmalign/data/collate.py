@@ -213,5 +213,34 @@ def collate_music_pairs(samples: list[dict[str, Any]], pad_value: int = 0) -> di
     return batch
 
 
+def collate_step_pairs(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """`StepPairDataset` samples -> one batch of transitions (row i of every entry is one transition):
+
+    `{"x_t", "x_w", "x_l": (B, ...) float32, "timesteps": (B,) long (of x_t), "prev_timesteps": (B,) long (of
+    x_w / x_l; -1 after the final step), "step_indices": (B,) long, "num_inference_steps": (B,) long,
+    "guidance_scale": (B,) float32, "eta": (B,) float32, "scores_w", "scores_l": (B,) float32, "captions" (B str),
+    "seeds" (B, int or None), "schedulers" (B str), "provenance", "keys", "shards", "skipped", "skip_reasons",
+    "cursor"}`. All samples need one latent shape."""
+    batch = _common(samples)
+    shapes = {tuple(s["x_t"].shape) for s in samples}
+    if len(shapes) != 1:
+        raise ValueError(f"step_pair samples in one batch must share one latent shape, got {sorted(shapes)} "
+                         f"(keys {batch['keys']}); write one shard set per resolution or batch by shape")
+    shape = (len(samples), *shapes.pop())
+    for name in ("x_t", "x_w", "x_l"):
+        batch[name] = torch.stack([s[name] for s in samples], out=batch_buffer(shape))
+    for name, field, dtype in (("timesteps", "timestep", torch.long), ("prev_timesteps", "prev_timestep", torch.long),
+                               ("step_indices", "step_index", torch.long),
+                               ("num_inference_steps", "num_inference_steps", torch.long),
+                               ("guidance_scale", "guidance_scale", torch.float32), ("eta", "eta", torch.float32),
+                               ("scores_w", "scores_w", torch.float32), ("scores_l", "scores_l", torch.float32)):
+        batch[name] = torch.tensor([s[field] for s in samples], dtype=dtype)
+    for name, field in (("captions", "prompt"), ("seeds", "seed"), ("schedulers", "scheduler"),
+                        ("provenance", "provenance")):
+        batch[name] = [s[field] for s in samples]
+    batch.update(_cache(samples))
+    return batch
+
+
 COLLATORS = {"pair": collate_pairs, "ranked": collate_ranked, "video_pair": collate_video_pairs,
-             "vlm_pair": collate_vlm_pairs, "music_pair": collate_music_pairs}
+             "vlm_pair": collate_vlm_pairs, "music_pair": collate_music_pairs, "step_pair": collate_step_pairs}

@@ -642,9 +642,28 @@ class MusicPairDataset(ShardDataset):
         return out
 
 
+class StepPairDataset(ShardDataset):
+    """`step_pair` samples (SPO's step-wise preference pools), one kept denoising transition each:
+    `{"x_t", "x_w", "x_l"}` float32 tensors of one shape (e.g. (4, 64, 64)), bit-exact as stored; `"prompt"`,
+    `"timestep"` (the scheduler timestep of x_t), `"prev_timestep"` (of x_w / x_l; -1 after the final step),
+    `"step_index"`, `"num_inference_steps"`, `"guidance_scale"`, `"eta"`, `"seed"` (None when not stored),
+    `"scheduler"`, `"scores_w"`, `"scores_l"`, `"provenance"`. A sample whose latents are not float32, not finite
+    or not of one shape is a `schema` skip (the latents are checked by `check_sample`)."""
+
+    schema = "step_pair"
+
+    def _decode(self, raw, lay, meta, epoch):
+        out = {name: torch.from_numpy(arr) for name, arr in lay["latents"].items()}
+        out.update(prompt=meta.prompt, timestep=meta.timestep, prev_timestep=meta.prev_timestep,
+                   step_index=meta.step_index, num_inference_steps=meta.num_inference_steps,
+                   guidance_scale=meta.guidance_scale, eta=meta.eta, seed=meta.seed, scheduler=meta.scheduler,
+                   scores_w=meta.scores_w, scores_l=meta.scores_l, provenance=_provenance(meta))
+        return out
+
+
 READERS: dict[str, type[ShardDataset]] = {
     "pair": PairDataset, "ranked": RankedDataset, "video_pair": VideoPairDataset, "vlm_pair": VLMPairDataset,
-    "music_pair": MusicPairDataset,
+    "music_pair": MusicPairDataset, "step_pair": StepPairDataset,
 }
 
 

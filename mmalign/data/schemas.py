@@ -10,11 +10,13 @@ name at the first dot, so keys never contain dots; the rest of the name (`0.jpg`
 | `video_pair` | 1 | `json`, `a.mp4`, `b.mp4` |
 | `vlm_pair` | 1 | `json`, `0.<img>` ... (>= 1), optional `rejected.0.<img>` ... |
 | `music_pair` | 1 | `json`, `chosen.npy`, `rejected.npy`, optional `chosen.<audio>`, `rejected.<audio>` |
+| `step_pair` | 1 | `json`, `x_t.npy`, `x_w.npy`, `x_l.npy` |
 
 `<img>` is the real format of the stored bytes (`jpg`, `png`, `webp`, ...), found from the bytes, never re-encoded.
 The field-by-field description lives in `docs/data.md`; the pydantic models below are its executable form.
-Nothing here decodes pixels: `check_sample` only parses JSON and member names; decoding is the reader's and the
-validator's job (`decode_media`).
+Nothing here decodes pixels: `check_sample` parses JSON and member names; decoding media is the reader's and the
+validator's job (`decode_media`). The one exception is `step_pair`, whose three small float32 latents are loaded
+here (`allow_pickle=False`), because one shared shape and finite values are part of that schema.
 """
 
 from __future__ import annotations
@@ -25,9 +27,13 @@ import math
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator,
+)
 
-SCHEMA_VERSIONS: dict[str, int] = {"pair": 1, "ranked": 1, "video_pair": 1, "vlm_pair": 1, "music_pair": 1}
+SCHEMA_VERSIONS: dict[str, int] = {
+    "pair": 1, "ranked": 1, "video_pair": 1, "vlm_pair": 1, "music_pair": 1, "step_pair": 1,
+}
 
 # PIL format name -> member extension. MPO is the multi-picture JPEG some cameras write.
 IMAGE_FORMATS: dict[str, str] = {
@@ -36,6 +42,8 @@ IMAGE_FORMATS: dict[str, str] = {
 IMAGE_EXTS: tuple[str, ...] = ("jpg", "png", "webp", "gif", "bmp", "tiff")
 AUDIO_EXTS: tuple[str, ...] = ("wav", "flac", "mp3", "ogg")
 VIDEO_DIMENSIONS: tuple[str, ...] = ("VQ", "MQ", "TA")
+# step_pair members: the shared noisy latent x_t and the preferred / rejected next latents sampled from it.
+STEP_LATENTS: tuple[str, ...] = ("x_t", "x_w", "x_l")
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 MAX_KEY_LEN = 200
@@ -124,8 +132,8 @@ def npy_bytes(array: Any) -> bytes:
     import numpy as np
 
     arr = np.asarray(array)
-    if arr.dtype == object:
-        raise SampleError("object arrays cannot be stored (they would need pickle)")
+    if arr.dtype.hasobject:  # also structured dtypes with an object field
+        raise SampleError(f"object arrays cannot be stored (they would need pickle), got dtype {arr.dtype}")
     buf = io.BytesIO()
     np.save(buf, arr, allow_pickle=False)
     return buf.getvalue()
@@ -256,9 +264,57 @@ class MusicPairMeta(_Meta):
     provenance: Provenance = Field(default_factory=Provenance)
 
 
+class StepPairMeta(_Meta):
+    """One kept denoising transition of a step-wise preference pool (SPO): x_w and x_l were both sampled from x_t
+    at `timestep` with the same condition; the step-aware model scored x_w higher."""
+
+    prompt: str
+    timestep: int = Field(ge=0)
+    prev_timestep: int = Field(ge=-1)  # -1: the final step (x_w / x_l are the clean latents)
+    step_index: int = Field(ge=0)
+    num_inference_steps: int = Field(ge=1)
+    guidance_scale: float
+    eta: float = Field(ge=0)
+    scores_w: float
+    scores_l: float
+    seed: int | None = None
+    scheduler: str = Field(min_length=1)  # required, so that it is always written (meta_bytes drops defaults)
+    provenance: Provenance = Field(default_factory=Provenance)
+
+    @field_validator("timestep", "prev_timestep", "step_index", "num_inference_steps", "seed", mode="before")
+    @classmethod
+    def _json_integer(cls, v: Any, info: ValidationInfo) -> Any:
+        # Not 981.0, "981" or true: a timestep written as another type is a broken writer.
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+            raise ValueError(f"{info.field_name} must be a JSON integer, got {type(v).__name__} {v!r}")
+        return v
+
+    @field_validator("guidance_scale", "eta", "scores_w", "scores_l", mode="before")
+    @classmethod
+    def _json_number(cls, v: Any, info: ValidationInfo) -> Any:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(f"{info.field_name} must be a JSON number, got {type(v).__name__} {v!r}")
+        if isinstance(v, float) and not math.isfinite(v):  # Python's json reads NaN and Infinity
+            raise ValueError(f"{info.field_name} must be finite, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _order(self) -> "StepPairMeta":
+        if self.timestep <= self.prev_timestep:
+            raise ValueError(f"timestep ({self.timestep}) must be greater than prev_timestep "
+                             f"({self.prev_timestep}): x_w / x_l come after x_t in sampling")
+        if self.step_index >= self.num_inference_steps:
+            raise ValueError(f"step_index ({self.step_index}) must be below num_inference_steps "
+                             f"({self.num_inference_steps})")
+        if not self.scores_w > self.scores_l:
+            raise ValueError(f"scores_w ({self.scores_w}) must be greater than scores_l ({self.scores_l}): x_w is "
+                             "the candidate the step-aware model preferred")
+        return self
+
+
 META_MODELS: dict[str, type[_Meta]] = {
     "pair": PairMeta, "ranked": RankedMeta, "video_pair": VideoPairMeta, "vlm_pair": VLMPairMeta,
-    "music_pair": MusicPairMeta,
+    "music_pair": MusicPairMeta, "step_pair": StepPairMeta,
 }
 
 
@@ -329,7 +385,8 @@ def layout(schema: str, files: dict[str, Any]) -> dict[str, Any]:
     """Which suffix holds what, for one sample's members (`files`: suffix -> bytes). Raises SampleError.
 
     Returns a dict with `json` and, per schema: `images` (list of suffixes), `rejected_images`, `a`/`b`,
-    `chosen`/`rejected` (+ `chosen_audio`/`rejected_audio`), and `unexpected` (suffixes no schema field claims).
+    `chosen`/`rejected` (+ `chosen_audio`/`rejected_audio`), `x_t`/`x_w`/`x_l`, and `unexpected` (suffixes no
+    schema field claims).
     """
     if schema not in SCHEMA_VERSIONS:
         raise SampleError(f"unknown schema {schema!r}; valid: {sorted(SCHEMA_VERSIONS)}")
@@ -365,6 +422,12 @@ def layout(schema: str, files: dict[str, Any]) -> dict[str, Any]:
                 raise SampleError(f"missing member {side}.npy (the {side} codes, int array [K, T])")
             out[side] = f"{side}.npy"
             out[f"{side}_audio"] = _one_of(files, side, AUDIO_EXTS, required=False)
+    elif schema == "step_pair":
+        for name in STEP_LATENTS:
+            if f"{name}.npy" not in files:
+                raise SampleError(f"missing member {name}.npy (a step_pair holds float32 latents "
+                                  f"{', '.join(n + '.npy' for n in STEP_LATENTS)} of one shape)")
+            out[name] = f"{name}.npy"
     claimed = {"json"}
     for v in out.values():
         if isinstance(v, str):
@@ -375,13 +438,47 @@ def layout(schema: str, files: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def check_latents(latents: dict[str, Any]) -> None:
+    """The `step_pair` latents {x_t, x_w, x_l: ndarray}: float32, at least 1-d, not empty, one shared shape, every
+    value finite. Raises SampleError naming the member."""
+    import numpy as np
+
+    for name, arr in latents.items():
+        if arr.dtype != np.float32:  # also refuses a byte-swapped '>f4': torch reads native order only
+            raise SampleError(f"{name}.npy: latents must be float32 (native byte order), got {arr.dtype}; convert "
+                              "with .float() / .astype(np.float32)")
+        if arr.ndim == 0 or arr.size == 0:
+            raise SampleError(f"{name}.npy: latents must be a non-empty array of at least 1 dimension, got shape "
+                              f"{arr.shape}")
+        bad = arr.size - int(np.count_nonzero(np.isfinite(arr)))
+        if bad:
+            raise SampleError(f"{name}.npy: {bad} of {arr.size} values are not finite (nan or inf)")
+    shapes = {name: tuple(arr.shape) for name, arr in latents.items()}
+    if len(set(shapes.values())) != 1:
+        raise SampleError("latent shapes differ: " + ", ".join(f"{n}.npy {s}" for n, s in shapes.items())
+                          + "; x_t, x_w and x_l of one transition share one shape")
+
+
 def check_sample(schema: str, files: dict[str, bytes]) -> tuple[dict[str, Any], _Meta]:
-    """Member layout + metadata checks that need no decoding; cross-checks counts (ranked scores vs images)."""
+    """Member layout + metadata checks that need no media decoding; cross-checks counts (ranked scores vs images).
+
+    For `step_pair` the three latents are loaded and checked (`check_latents`) too, and returned as
+    `lay["latents"]` {x_t, x_w, x_l: float32 ndarray} so that readers do not load them twice.
+    """
     lay = layout(schema, files)
     meta = parse_meta(schema, files["json"])
     if schema == "ranked" and len(meta.scores) != len(lay["images"]):
         raise SampleError(f"json: scores has {len(meta.scores)} entries but the sample has {len(lay['images'])} "
                           "images; one score per image")
+    if schema == "step_pair":
+        latents = {}
+        for name in STEP_LATENTS:
+            try:
+                latents[name] = load_npy(files[lay[name]])
+            except SampleError as err:
+                raise SampleError(f"{lay[name]}: {err.reason}") from None
+        check_latents(latents)
+        lay["latents"] = latents
     return lay, meta
 
 
@@ -486,4 +583,68 @@ def music_pair_sample(key: str, chosen_codes: Any, rejected_codes: Any, *, promp
         if audio is not None:
             out[f"{side}.{audio_format}"] = bytes(audio)
     out["json"] = _build("music_pair", {"prompt": prompt, "provenance": _prov(provenance), **extra})
+    return out
+
+
+def _integer(value: Any, name: str) -> int:
+    """Python / numpy ints and 0-d integer tensors (a scheduler's timestep) -> int; never a float or a bool."""
+    import operator
+
+    if isinstance(value, bool):
+        raise SampleError(f"{name} must be an integer, got bool {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise SampleError(f"{name} must be an integer, got {type(value).__name__} {value!r}") from None
+
+
+def _number(value: Any, name: str) -> float:
+    """Python / numpy numbers and 0-d tensors -> float (exact for float32); never a string or a bool."""
+    if isinstance(value, (bool, str, bytes)):
+        raise SampleError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise SampleError(f"{name} must be a number, got {type(value).__name__} {value!r}") from None
+
+
+def step_pair_sample(key: str, x_t: Any, x_w: Any, x_l: Any, *, prompt: str, timestep: int, prev_timestep: int,
+                     step_index: int, num_inference_steps: int, guidance_scale: float, eta: float, scores_w: float,
+                     scores_l: float, seed: int | None = None, scheduler: str = "DDIMScheduler",
+                     provenance: dict | Provenance | None = None, **extra: Any) -> dict[str, bytes]:
+    """A `step_pair` sample: one kept transition of a step-wise preference pool (SPO).
+
+    `x_t`: the shared latent at scheduler timestep `timestep`; `x_w` / `x_l`: the preferred / rejected latents
+    sampled from it, at `prev_timestep` (-1 after the final step). All three float32 of one shape, e.g. (4, 64, 64);
+    numpy arrays or CPU tensors (a tensor is detached and copied to the CPU, never cast: convert bf16 / fp16 with
+    `.float()`). Stored as `.npy` without pickle. `step_index` / `num_inference_steps`, `guidance_scale`, `eta`
+    and `seed` describe the sampling run; `scores_w` > `scores_l` are the step-aware model's scores.
+    """
+    import numpy as np
+
+    out = _base(key)
+    latents = {}
+    for name, value in (("x_t", x_t), ("x_w", x_w), ("x_l", x_l)):
+        if hasattr(value, "detach") and hasattr(value, "cpu"):  # a torch tensor, on any device
+            value = value.detach().cpu()
+        try:
+            latents[name] = np.asarray(value)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise SampleError(f"step_pair sample {key!r}: {name} is not an array: {err}") from None
+    try:
+        check_latents(latents)
+        meta = {
+            "prompt": prompt, "timestep": _integer(timestep, "timestep"),
+            "prev_timestep": _integer(prev_timestep, "prev_timestep"), "step_index": _integer(step_index, "step_index"),
+            "num_inference_steps": _integer(num_inference_steps, "num_inference_steps"),
+            "guidance_scale": _number(guidance_scale, "guidance_scale"), "eta": _number(eta, "eta"),
+            "scores_w": _number(scores_w, "scores_w"), "scores_l": _number(scores_l, "scores_l"),
+            "seed": None if seed is None else _integer(seed, "seed"), "scheduler": scheduler,
+            "provenance": _prov(provenance), **extra,
+        }
+        out["json"] = _build("step_pair", meta)
+    except SampleError as err:
+        raise SampleError(f"step_pair sample {key!r}: {err.reason}") from None
+    for name, arr in latents.items():
+        out[f"{name}.npy"] = npy_bytes(arr)
     return out

@@ -6,7 +6,8 @@ a symlink, hardlink or device, a member over `max_member_bytes`), the schema's m
 members,
 and (unless `decode=False`) every image, video, array and audio member decodes: images fully, with the format
 matching the extension; videos to the last frame, with the frame count matching the metadata; arrays with
-`allow_pickle=False` and the schema's shape and dtype.
+`allow_pickle=False` and the schema's shape and dtype. The `step_pair` latents are loaded and checked (float32, one
+shape, finite) by `check_sample` itself, so also with `decode=False`.
 """
 
 from __future__ import annotations
