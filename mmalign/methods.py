@@ -10,6 +10,7 @@ method means the same on every modality and logs the same names:
 | `rankdpo` | ranked lists | yes | error | `ranked_dpo_loss` |
 | `flow_dpo` | pairs | yes | error | `flow_dpo_loss` (Flow-DPO: Diffusion-DPO on velocity errors, `beta_schedule` constant or (1-t)^2) |
 | `flow_rwr` | items with rewards | no | error | `rwr_loss` (Flow-RWR: errors weighted by `softmax(r / τ)` over the batch) |
+| `spo` | step pairs (two next states of one x_t) | yes | transition | `spo_step_loss` (SPO: DPO on one transition's log-ratios, each clipped to [1-ε, 1+ε]) |
 | `sft` | winners | no | error, logp | mean error of the winners / their negative log-likelihood |
 
 `loss_type` picks a DPO variant (`mmalign.losses.DPO_LOSS_TYPES`, TRL's names) for `dpo`; `label_smoothing` is
@@ -29,6 +30,8 @@ Metric names (TRL's, the same for every modality; `loss` is added by the loop):
   `mse/ref`;
 - flow_dpo: dpo's names and `beta/effective` (the mean per-pair β);
 - flow_rwr: `rwr/weight_max`, `rwr/ess` (effective sample size of the weights), `rewards/mean`, `mse/policy`;
+- spo: `rewards/chosen`, `rewards/rejected`, `rewards/margins`, `rewards/accuracies` (β times the clipped log-ratios)
+  and `spo/clip_fraction`, `logps/chosen`, `logps/rejected` (the policy's transition log-densities);
 - sft: `mse/policy_chosen`, `mse/policy_rejected` (error) or `logps/chosen` (logp).
 """
 
@@ -40,7 +43,7 @@ import torch
 from torch import Tensor
 
 from mmalign.losses import (DPO_LOSS_TYPES, diffusion_dpo_loss, dpo_loss, flow_dpo_loss, mapo_loss, ranked_dpo_loss,
-                            rwr_loss)
+                            rwr_loss, spo_step_loss)
 from mmalign.models.contract import Surrogates
 
 
@@ -66,6 +69,8 @@ METHODS: dict[str, Method] = {
     "flow_dpo": Method("flow_dpo", "pair", True, ("error",), {}),
     # RWR has no β: its temperature τ is on the scale of the rewards.
     "flow_rwr": Method("flow_rwr", "scored", False, ("error",), {}),
+    # SPO's 10 assumes transition log-densities averaged over the latent's elements (the published sampler's).
+    "spo": Method("spo", "step_pair", True, ("transition",), {"transition": 10.0}),
     "sft": Method("sft", "pair", False, ("error", "logp"), {"error": 1.0, "logp": 1.0}),
 }
 
@@ -115,13 +120,14 @@ def check_method(name: str, kind: str, loss_type: str = "sigmoid", label_smoothi
 def preference_loss(name: str, s: Surrogates, *, beta: float, loss_type: str = "sigmoid",
                     label_smoothing: float = 0.0, scores: Tensor | None = None, rank_weighting: str = "lambda",
                     mapo_snr_value: float = 0.5, beta_schedule: str = "constant", rewards: Tensor | None = None,
-                    temperature: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
+                    temperature: float = 1.0, clip_eps: float = 0.1) -> tuple[Tensor, dict[str, Tensor]]:
     """One micro-batch's (loss, metrics) for method `name` on the surrogates `s` ((K, B), row 0 the winners).
 
     beta: the method's β on the scale of `s` (see `METHODS[name].default_beta`).
     scores: (B, K) preference scores of ranked lists (rankdpo; higher = preferred).
     beta_schedule: flow_dpo's per-pair β (`mmalign.losses.FLOW_BETA_SCHEDULES`), from the surrogates' flow time t.
     rewards, temperature: flow_rwr's (K, B) reward of every item (weighted over its dimensions) and τ.
+    clip_eps: spo's ratio clip ε.
     """
     method = check_method(name, s.kind, loss_type, label_smoothing)
     if method.needs_reference and s.reference is None:
@@ -135,6 +141,11 @@ def preference_loss(name: str, s: Surrogates, *, beta: float, loss_type: str = "
     if name == "flow_dpo":
         err, ref = s.errors, s.reference_errors
         return flow_dpo_loss(err[0], err[1], ref[0], ref[1], beta, t=s.t, beta_schedule=beta_schedule)
+    if name == "spo":
+        pol, ref = s.policy, s.reference
+        loss, metrics = spo_step_loss(pol[0], ref[0], pol[1], ref[1], beta=beta, clip_eps=clip_eps)
+        metrics.update({"logps/chosen": pol[0].detach().mean(), "logps/rejected": pol[1].detach().mean()})
+        return loss, metrics
     if name == "flow_rwr":
         if rewards is None:
             raise ValueError("method 'flow_rwr' needs the (K, B) reward of every item")

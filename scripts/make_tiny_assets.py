@@ -14,6 +14,8 @@
   by the simulated video annotator on the ground-truth rewards.
 - `ranked/`: `ranked` shards: K=4 scenes per caption (the right one and three recoloured), scored with the
   ground-truth total reward.
+- `step_pairs/`: `step_pair` shards for SPO: `mmalign selfgen spo` on the tiny SD 1.5 (`sd15/`, built first) with
+  the toy colour reward standing in for a step-aware model (10 DDIM steps, eta 1, guidance 5, k 4).
 
 Deterministic from --seed (same bytes every run).
 """
@@ -71,7 +73,7 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=256)
     ap.add_argument("--ranked", type=int, default=64)
     ap.add_argument("--video-pairs", type=int, default=32)
-    ap.add_argument("--only", default="sd15,sdxl,sd3,wan,ltx,pairs,ranked,video_pairs",
+    ap.add_argument("--only", default="sd15,sdxl,sd3,wan,ltx,pairs,ranked,video_pairs,step_pairs",
                     help="comma-separated parts to (re)build")
     args = ap.parse_args()
     parts = {p.strip() for p in args.only.split(",")}
@@ -93,7 +95,20 @@ def main() -> None:
         write_ranked(out, args)
     if "video_pairs" in parts:
         write_video_pairs(out, args)
+    if "step_pairs" in parts:
+        write_step_pairs(out, args)
     print(f"wrote {out}")
+
+
+def write_step_pairs(out: Path, args) -> None:
+    from mmalign.selfgen.spo import SPOSamplingConfig, build_step_pairs
+    from mmalign.toy.scenes import prompt_seed_pairs
+
+    prompts = [p for p, _ in prompt_seed_pairs("train", 16)]
+    cfg = SPOSamplingConfig(num_inference_steps=10, guidance_scale=5.0, eta=1.0, k=4, divert_start=2, threshold=0.1,
+                            score_scale=50.0, seed=args.seed, batch_size=8)
+    print(build_step_pairs(str(out / "sd15"), "toy_color_soft", prompts, out / "step_pairs", cfg, resolution=32,
+                           device="cpu", overwrite=True, progress=False))
 
 
 def write_video_pairs(out: Path, args) -> None:

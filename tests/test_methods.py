@@ -93,7 +93,7 @@ def test_at_policy_equals_reference_every_dpo_type_starts_where_its_formula_says
     ("mapo", "error", "ipo", 0.0, "selects a DPO variant; method 'mapo' has none"),
     ("dpo", "logp", "hinge", 0.1, "label_smoothing 0.1: only method 'dpo' with loss_type sigmoid or robust"),
     ("sft", "error", "sigmoid", 0.1, "label_smoothing 0.1"),
-    ("orpo", "logp", "sigmoid", 0.0, "valid methods are dpo, mapo, rankdpo, flow_dpo, flow_rwr, sft"),
+    ("orpo", "logp", "sigmoid", 0.0, "valid methods are dpo, mapo, rankdpo, flow_dpo, flow_rwr, spo, sft"),
 ])
 def test_what_a_method_cannot_do_is_refused_naming_the_key(name, kind, loss_type, smoothing, match):
     with pytest.raises(ValueError, match=match):
@@ -105,8 +105,10 @@ def test_methods_that_need_a_reference_refuse_surrogates_without_one():
     no_ref = Surrogates(s.policy, None, "error", num_train_timesteps=1000)
     for name, spec in METHODS.items():
         if spec.needs_reference:
+            kind = spec.kinds[0]  # spo is defined on transition log-densities only
             with pytest.raises(ValueError, match="needs reference surrogates"):
-                preference_loss(name, no_ref, beta=1.0, scores=torch.zeros(6, 2))
+                preference_loss(name, Surrogates(s.policy, None, kind, num_train_timesteps=1000), beta=1.0,
+                                scores=torch.zeros(6, 2))
         else:  # mapo, flow_rwr and sft need none: the same values as with a reference present
             extra = {"rewards": torch.arange(s.policy.numel(), dtype=torch.float32).view(s.policy.shape)}
             loss, _ = preference_loss(name, no_ref, beta=0.1, **extra)
@@ -171,3 +173,18 @@ def test_flow_rwr_weights_every_item_by_the_softmax_of_its_reward():
                                                       rel=1e-6)
     with pytest.raises(ValueError, match="needs the \\(K, B\\) reward of every item"):
         preference_loss("flow_rwr", Surrogates(-err, None, "error"), beta=1.0)
+
+
+def test_spo_in_the_method_table_is_spo_step_loss_on_transition_surrogates():
+    from mmalign.losses import spo_step_loss
+
+    g = torch.Generator().manual_seed(0)
+    pol, ref = torch.randn(2, 5, generator=g) * 0.05 - 1, torch.randn(2, 5, generator=g) * 0.05 - 1
+    s = Surrogates(pol, ref, "transition")
+    loss, metrics = preference_loss("spo", s, beta=10.0, clip_eps=0.1)
+    want, _ = spo_step_loss(pol[0], ref[0], pol[1], ref[1], beta=10.0, clip_eps=0.1)
+    assert loss.item() == want.item() and metrics["logps/chosen"].item() == pol[0].mean().item()
+    same, _ = preference_loss("spo", Surrogates(pol, pol.clone(), "transition"), beta=10.0)
+    assert same.item() == pytest.approx(math.log(2), abs=1e-7)
+    with pytest.raises(ValueError, match="not defined on this modality's surrogates"):
+        preference_loss("spo", Surrogates(pol, ref, "error"), beta=10.0)

@@ -11,6 +11,7 @@ because the items differ.
 | text-to-image diffusion (`mmalign.t2i`) | `-err`, err = mean over C,H,W of the squared prediction error | `error` |
 | flow matching (`mmalign.flow`: SD3, Wan, toy video) | `-err`, err = mean over all non-batch dims of the squared velocity error | `error` |
 | vision-language models (`mmalign.vlm`) | summed response-token log-probs (`counts` = tokens) | `logp` |
+| one denoising transition (SPO, `mmalign.t2i.spo`) | Gaussian log-density of `x_{t-1}` under the sampler's step, mean over C,H,W | `transition` |
 
 The losses never see a model and adapters hold no loss math. A new modality implements `PreferenceAdapter` and
 adds a row to `tests/test_adapter_contract.py`: at policy == reference the DPO loss is exactly ln 2; a winner and
@@ -25,7 +26,7 @@ from typing import Literal, Optional, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-SurrogateKind = Literal["error", "logp"]
+SurrogateKind = Literal["error", "logp", "transition"]
 
 
 @dataclass
@@ -34,8 +35,9 @@ class Surrogates:
 
     policy: (K, B) under the policy, differentiable.
     reference: (K, B) under the reference, without gradient; None when the method needs no reference.
-    kind: "error" (the surrogate is `-err`, a negated per-sample mean squared error: diffusion, flow) or "logp"
-        (summed token log-probabilities: sequence models).
+    kind: "error" (the surrogate is `-err`, a negated per-sample mean squared error: diffusion, flow), "logp"
+        (summed token log-probabilities: sequence models) or "transition" (the Gaussian log-density of a
+        denoising step's next state given x_t, mean over its elements: SPO; K = 2 next states of one x_t).
     t: (B,) the timestep each group shares (diffusion: the scheduler's integer step; flow: the flow time in
         [0, 1], t = 1 pure noise), or None.
     counts: (K, B) tokens scored per item ("logp"), for per-token means; None otherwise.
@@ -56,8 +58,8 @@ class Surrogates:
             value = getattr(self, name)
             if value is not None and value.shape != self.policy.shape:
                 raise ValueError(f"surrogates: {name} {tuple(value.shape)} != policy {tuple(self.policy.shape)}")
-        if self.kind not in ("error", "logp"):
-            raise ValueError(f"surrogate kind {self.kind!r}: valid kinds are 'error' and 'logp'")
+        if self.kind not in ("error", "logp", "transition"):
+            raise ValueError(f"surrogate kind {self.kind!r}: valid kinds are 'error', 'logp' and 'transition'")
 
     @property
     def errors(self) -> Tensor:

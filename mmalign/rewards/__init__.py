@@ -20,6 +20,7 @@ _EXPORTS = {
     "SCORERS": "registry", "load_scorer": "registry",
     "VideoRewardModel": "video", "VideoRewardConfig": "video", "VideoScorer": "video",
     "LatentRewardModel": "latent", "build_latent_reward": "latent",
+    "StepAwareScorer": "step_aware", "OneStepDenoiser": "step_aware", "step_aware_accuracy": "step_aware",
     "score_shards": "scoring", "read_scores": "scoring",
     "pairwise_accuracy": "metrics", "accuracy_with_ties": "metrics", "inversion_score": "metrics",
     "evaluate_reward": "evaluate",

@@ -2,7 +2,8 @@
 `load_scorer("runs/rm/export")` (a folder with `mmalign_scorer.json`), `load_scorer("my_pkg.rewards:fn")`.
 
 Spec grammar: `NAME`, `NAME=SOURCE` (a local folder / file or a hub id), `FOLDER` (an exported reward model), or
-`package.module:function`.
+`package.module:function`. Folders of models that do not score plain images (kind `latent`: noisy latents;
+`step_aware`: one-step estimates at a noise level t) are refused, naming the class that loads them.
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ SCORERS: dict[str, Callable[[str | None], Scorer]] = {
 # Scorers whose score is differentiable in the image tensor (CLIP towers on the tensor path, the soft toy rewards):
 # what gradient guidance can use. Known by name, so a wrong choice is refused before any weights load.
 DIFFERENTIABLE = frozenset({"clip_score", "pickscore", "hps", "aesthetic", "toy_color_soft", "toy_brightness"})
-_DIFFERENTIABLE_KINDS = {"clip": True, "hps": True, "aesthetic": True, "video": False, "latent": True}
+_DIFFERENTIABLE_KINDS = {"clip": True, "hps": True, "aesthetic": True, "video": False, "latent": True,
+                         "step_aware": True}
 _FUNCTION = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
 
@@ -115,12 +117,19 @@ def _from_folder(folder: str) -> Scorer:
         raise ScorerError(f"{folder}: a noisy-latent reward model scores latents x_t at a noise level, not images; "
                           "use it for guidance (`mmalign guide`, rewards: latent=FOLDER) or load it with "
                           "mmalign.rewards.latent.LatentRewardModel.from_pretrained")
+    if kind == "step_aware":
+        raise ScorerError(f"{folder}: a step-aware preference model scores a generator's one-step x0 estimates at a "
+                          "noise level t, score(images, prompts, t), not plain images; load it with "
+                          "mmalign.rewards.step_aware.StepAwareScorer.from_pretrained (SPO's step-wise sampling "
+                          "and training use it that way)")
     raise ScorerError(f"{folder}: unknown scorer kind {kind!r} in mmalign_scorer.json")
 
 
 def scorer_kind(spec: str) -> str:
     """What a spec names, read without loading weights: "latent" for a noisy-latent reward model folder
-    (`mmalign.rewards.latent`, used by guidance on noisy latents), else "image" (or "video" for video scorers)."""
+    (`mmalign.rewards.latent`, used by guidance on noisy latents), "step_aware" for a step-aware preference model
+    folder (`mmalign.rewards.step_aware`, scores at a noise level t; `load_scorer` refuses it), else "image" (or
+    "video" for video scorers)."""
     from mmalign.rewards.clip import read_scorer_card
 
     name, eq, source = spec.strip().partition("=")
@@ -128,6 +137,8 @@ def scorer_kind(spec: str) -> str:
     card_kind = (read_scorer_card(folder) or {}).get("kind") if os.path.isdir(folder) else None
     if (eq and name == "latent") or card_kind == "latent":
         return "latent"
+    if card_kind == "step_aware":
+        return "step_aware"
     if name in ("video", "toy_video") or card_kind == "video":
         return "video"
     if not eq and _FUNCTION.match(spec.strip()):  # a user function says `fn.modality = "video"`

@@ -12,6 +12,13 @@ level and the two differ only by their images; `clean` feeds x0 with t = 0 (the 
 `model.latent.dims`, every pair needs per-dimension labels, the JSON field `dim_labels` {dim: 1 | 0 | 0.5} (label_0's
 convention: 1 = image 0 better on that dimension); the loss is the mean over dimensions. `data.ties` still filters
 on the overall label_0.
+Step-aware preference models (`model.kind: step_aware`, `mmalign.rewards.step_aware`, SPO's SPM) train on `pair`
+shards: a CLIP scorer (`model.pretrained`) with zero-initialised timestep conditioning judges the frozen generator's
+(`model.step_aware.generator`) one-step x0 estimates. Per pair one timestep k uniform on the grid of
+[t_min, t_max) and one noise draw, shared by both images: VAE-encode, noise to k, one UNet call with the caption
+(classifier-free guidance, `guidance_scale`), `predicted_x0`, decode; the model scores both at t = k / T. With
+`validation.shards` (held-out pairs), the accuracy per t bucket is logged (`eval/accuracy/t_<lo>-<hi>`,
+`eval/accuracy`) every `validation.every` steps and at the end, and written to `RUN/eval/step-<step>.json`.
 
 Image losses (`method.loss`), from `mmalign.losses`, with r_w, r_l the rewards of the two images of a pair
 (stored order for ties):
@@ -21,7 +28,10 @@ Image losses (`method.loss`), from `mmalign.losses`, with r_w, r_l the rewards o
 
 Per-pair weights (`method.prompt_weight`, soft_ce and bt): `batch` weighs each pair by 1 / (pairs of its prompt in
 the batch), so every prompt counts once; `dataset` by 1 / `num_example_per_prompt` from the sample's provenance ids
-(Pick-a-Pic's column, the PickScore weighting). The losses normalise the weights to sum 1 over the batch.
+(Pick-a-Pic's column, the PickScore and SPM weighting); `shards` by 1 / (pairs with exactly that caption in the
+whole of `data.shards`, after `data.ties`), counted once before training (`shard_prompt_counts`): the same column
+computed from the pairs themselves, for data that does not carry it. The losses normalise the weights to sum 1 over
+the batch.
 
 Metrics: one scheme for every reward model, under `rewards/`: the loss's own numbers (`rewards/accuracy`,
 `rewards/margin`, `rewards/num_pairs`, `rewards/num_ties`, ...) and the mean rewards `rewards/chosen`,
@@ -37,7 +47,8 @@ tie exclusion of bt) covers its own micro-batch only.
 
 Only the last `model.unfreeze_vision_blocks` / `model.unfreeze_text_blocks` blocks train (-1: all); the logit
 scale trains unless `model.train_logit_scale: false` and is clamped to `model.max_logit_scale` after every step
-(CLIP settings: refused for kind latent, whose text encoder is frozen and whose small network trains whole).
+(CLIP settings: refused for kind latent, whose text encoder is frozen and whose small network trains whole; for
+kind step_aware they choose what of the CLIP trains, and its time MLP always trains).
 The final model is exported to `RUN/reward_model/`, a folder its scorer loads back (`load_scorer(folder)`,
 `mmalign score --scorers RUN/reward_model`); a video model is first calibrated (per-dimension mean / std) on up to
 `data.calibration_samples` training videos.
@@ -107,17 +118,48 @@ class LatentModelConfig(StrictModel):
         return self
 
 
+class StepAwareModelConfig(StrictModel):
+    """`model.step_aware`: the step-aware preference model (`mmalign.rewards.step_aware`), its generator and the
+    noise levels it trains on."""
+
+    generator: Optional[str] = Field(None, description="Required for kind step_aware: the text-to-image pipeline "
+                                                       "(SD 1.x/2.x, SDXL or the toy pipeline; folder / hub id, "
+                                                       "loaded with from_pretrained and frozen) whose one-step "
+                                                       "x0 estimates the model learns to judge.")
+    t_min: float = Field(0.0, ge=0, le=1, description="Lower end of t = timestep / num_train_timesteps (0 clean).")
+    t_max: float = Field(1.0, ge=0, le=1, description="Upper end of t (exclusive; 1 includes the last timestep). "
+                                                      "Each pair's timestep is uniform on the grid of [t_min, "
+                                                      "t_max), the published SPM code's randint(0, T) at 0 / 1.")
+    guidance_scale: float = Field(5.0, ge=1, description="Classifier-free guidance of the one UNet call (the "
+                                                         "published SPM code's 5.0); 1: the conditional prediction "
+                                                         "only, half the UNet rows.")
+    negative_prompt: str = Field("", description="The unconditional prompt of classifier-free guidance.")
+    time_dim: int = Field(256, gt=0, multiple_of=2, description="Width of the sinusoidal embedding of t.")
+    hidden_dim: int = Field(256, gt=0, description="Hidden width of the time MLP (its output: 2 x the vision "
+                                                   "tower's width, scale and shift).")
+
+    @model_validator(mode="after")
+    def _check(self) -> "StepAwareModelConfig":
+        if self.t_min > self.t_max:
+            raise ValueError(f"t_min {self.t_min} > t_max {self.t_max}: timesteps are drawn from [t_min, t_max), "
+                             "both in [0, 1]")
+        return self
+
+
 # CLIP / HPS / video settings that mean nothing to a latent model (refused when not at their defaults).
 _NOT_LATENT = ("tokenizer", "open_clip_config", "unfreeze_vision_blocks", "unfreeze_text_blocks", "train_logit_scale",
                "max_logit_scale", "video")
 
 
 class RewardModelConfig(StrictModel):
-    kind: Literal["clip", "hps", "video", "latent"] = Field(
+    kind: Literal["clip", "hps", "video", "latent", "step_aware"] = Field(
         "clip", description="clip: transformers CLIPModel (PickScore style); hps: open_clip checkpoint (HPSv2); "
                             "video: VQ/MQ/TA video reward model; latent: noisy-latent reward model of a generator "
-                            "(model.latent).")
-    pretrained: Optional[str] = Field(None, description="clip / video (required): a CLIPModel folder or hub id "
+                            "(model.latent); step_aware: a CLIP scorer with timestep conditioning judging a "
+                            "generator's one-step x0 estimates (model.step_aware, SPO's SPM).")
+    pretrained: Optional[str] = Field(None, description="clip / video / step_aware (required): a CLIPModel "
+                                                        "folder or hub id (step_aware: or a step-aware folder to "
+                                                        "train further) "
                                                         "('tiny' builds the tiny test CLIP from mmalign.rewards.tiny, "
                                                         "seeded with run.seed); hps: an HPSv2 .pt / .safetensors "
                                                         "file or exported folder. latent: not used (built from "
@@ -133,9 +175,16 @@ class RewardModelConfig(StrictModel):
     video: VideoRewardConfig = Field(default_factory=VideoRewardConfig, description="kind video: architecture.")
     latent: LatentModelConfig = Field(default_factory=LatentModelConfig, description="kind latent: generator, "
                                                                                      "architecture, noising.")
+    step_aware: StepAwareModelConfig = Field(default_factory=StepAwareModelConfig,
+                                             description="kind step_aware: generator, t range, time MLP.")
 
     @model_validator(mode="after")
     def _check(self) -> "RewardModelConfig":
+        if self.kind == "step_aware" and self.step_aware.generator is None:
+            raise ValueError("step_aware.generator: required for kind 'step_aware' (the text-to-image pipeline "
+                             "folder or hub id whose one-step x0 estimates the model scores)")
+        if self.kind != "step_aware" and self.step_aware != StepAwareModelConfig():
+            raise ValueError(f"step_aware: only for kind 'step_aware', got kind {self.kind!r}")
         if self.kind != "latent":
             if self.pretrained is None:
                 raise ValueError(f"pretrained: required for kind {self.kind!r}")
@@ -161,9 +210,11 @@ class RewardMethodConfig(StrictModel):
                                                                          "1/2), bt (ties excluded) or btt. Video: "
                                                                          "btt.")
     btt_k: float = Field(5.0, gt=1, description="Tie parameter k of btt (larger: ties likelier).")
-    prompt_weight: Literal["none", "batch", "dataset"] = Field(
+    prompt_weight: Literal["none", "batch", "dataset", "shards"] = Field(
         "none", description="Per-pair weights (soft_ce, bt): none (uniform); batch: 1 / pairs of the same prompt "
-                            "in the (global) batch; dataset: 1 / provenance ids.num_example_per_prompt (PickScore).")
+                            "in the (global) batch; dataset: 1 / provenance ids.num_example_per_prompt (PickScore, "
+                            "SPM); shards: 1 / pairs with the same caption in all of data.shards (counted before "
+                            "training).")
     gather: bool = Field(True, description="Under DDP, compute the loss over the global batch (rewards, labels, "
                                            "weights gathered differentiably across processes); no effect on one "
                                            "process.")
@@ -190,11 +241,33 @@ class RewardDataConfig(StrictModel):
     strict: bool = Field(False, description="Raise on a corrupt sample instead of skipping and counting it.")
 
 
+class RewardValidationConfig(StrictModel):
+    """`validation`: held-out evaluation during training (kind step_aware: the pair accuracy per t bucket)."""
+
+    shards: Optional[str] = Field(None, description="Held-out pair shards; none: no validation.")
+    every: int = Field(0, ge=0, description="Steps between evaluations; 0 = only at the end.")
+    buckets: int = Field(5, gt=0, description="Equal t buckets over [0, 1]; each pair is scored once per bucket.")
+    max_pairs: int = Field(256, gt=0, description="At most this many held-out pairs (read in order).")
+    batch_size: int = Field(16, gt=0, description="Pairs per evaluation batch.")
+    seed: int = Field(0, description="Timestep, noise and VAE draws (the same at every evaluation).")
+
+
 class RewardTrainConfig(BaseTrainConfig):
     task: Literal["reward"] = "reward"
     model: RewardModelConfig
     method: RewardMethodConfig = Field(default_factory=RewardMethodConfig)
     data: RewardDataConfig
+    validation: RewardValidationConfig = Field(default_factory=RewardValidationConfig)
+
+    @model_validator(mode="after")
+    def _check_validation(self) -> "RewardTrainConfig":
+        v = self.validation
+        if v.shards is not None and self.model.kind != "step_aware":
+            raise ValueError(f"validation.shards: the per-t-bucket accuracy is for model.kind 'step_aware', got "
+                             f"{self.model.kind!r}; remove validation.shards (evaluate with mmalign eval)")
+        if v.every and v.shards is None:
+            raise ValueError(f"validation.every {v.every}: needs validation.shards (held-out pair shards)")
+        return self
 
 
 def _pair_labels(label: torch.Tensor) -> torch.Tensor:
@@ -223,11 +296,25 @@ def dataset_prompt_weight(provenance: list[dict]) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.float32)
 
 
+def shard_prompt_counts(shards: str, ties: str = "keep") -> dict[str, int]:
+    """{caption: pairs with exactly that caption} over all of `shards`, after the `ties` filter ("keep" / "drop"):
+    Pick-a-Pic's num_example_per_prompt, counted from the pairs themselves. One pass over the shards' JSON, images
+    not decoded; every process reads the whole set, whatever its data split."""
+    from collections import Counter
+
+    from mmalign.data.dataset import PairDataset
+
+    return dict(Counter(s["caption"] for s in PairDataset(shards, decode_images=False, ties=ties, rank=0,
+                                                          world_size=1)))
+
+
 def pair_loss(r_w: torch.Tensor, r_l: torch.Tensor, label: torch.Tensor, prompts: list[str],
               provenance: list[dict] | None = None, loss: str = "soft_ce", k: float = 5.0,
-              prompt_weight: str = "none", gather: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+              prompt_weight: str = "none", gather: bool = False,
+              num_per_prompt: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Rewards (B,) of row i and its partner, label (B,) P(row i preferred) in {1, 0.5 (tie), 0} -> the loss from
-    `mmalign.losses` and its metrics (unprefixed names: `accuracy`, `num_ties`, ...).
+    `mmalign.losses` and its metrics (unprefixed names: `accuracy`, `num_ties`, ...). `num_per_prompt` (B,): the
+    pairs of each pair's caption in the data (`shard_prompt_counts`), the weights 1 / it of prompt_weight 'shards'.
 
     With `gather` (needs torch.distributed), rewards, labels, weights and prompts are gathered across processes
     first, so the loss is over the global batch (see the module docstring)."""
@@ -237,6 +324,11 @@ def pair_loss(r_w: torch.Tensor, r_l: torch.Tensor, label: torch.Tensor, prompts
     weight = None
     if prompt_weight == "dataset":
         weight = dataset_prompt_weight(provenance).to(r_w.device)
+    elif prompt_weight == "shards":
+        if num_per_prompt is None:
+            raise ValueError("method.prompt_weight 'shards': the batch has no num_example_per_prompt (RewardTask."
+                             "batches adds it from shard_prompt_counts)")
+        weight = 1.0 / num_per_prompt.to(r_w.device, torch.float32)
     if gather:
         r_w, r_l, label = gather_cat(r_w), gather_cat(r_l), gather_cat(label)
         if weight is not None:
@@ -261,7 +353,8 @@ def image_pair_loss(module, batch: dict, loss: str = "soft_ce", k: float = 5.0, 
     rewards = module((batch["pixel_values"] + 1) / 2, prompts + prompts)
     b = len(prompts)
     r_w, r_l = rewards[:b], rewards[b:]
-    value, m = pair_loss(r_w, r_l, batch["label"], prompts, batch.get("provenance"), loss, k, prompt_weight, gather)
+    value, m = pair_loss(r_w, r_l, batch["label"], prompts, batch.get("provenance"), loss, k, prompt_weight, gather,
+                         num_per_prompt=batch.get("num_example_per_prompt"))
     metrics = {f"rewards/{name}": v for name, v in m.items()}
     metrics["rewards/chosen"] = r_w.detach().mean()
     metrics["rewards/rejected"] = r_l.detach().mean()
@@ -323,7 +416,8 @@ def latent_pair_loss(module, unwrapped, vae, batch: dict, latent: LatentModelCon
     rewards = module(x_t, t, prompts + prompts)
     r_w, r_l = rewards[:b], rewards[b:]
     dims = list(latent.dims)
-    args = (prompts, batch.get("provenance"), method.loss, method.btt_k, method.prompt_weight, gather)
+    args = (prompts, batch.get("provenance"), method.loss, method.btt_k, method.prompt_weight, gather,
+            batch.get("num_example_per_prompt"))
     if len(dims) == 1:
         value, m = pair_loss(r_w[:, 0], r_l[:, 0], batch["label"], *args)
         metrics = {f"rewards/{name}": v for name, v in m.items()}
@@ -339,6 +433,32 @@ def latent_pair_loss(module, unwrapped, vae, batch: dict, latent: LatentModelCon
         metrics[f"rewards/{dim}/loss"] = value.detach()
     metrics["rewards/accuracy"] = torch.stack([metrics[f"rewards/{d}/accuracy"] for d in dims]).mean()
     return torch.stack(losses).mean(), metrics
+
+
+def step_aware_pair_loss(module, denoiser, batch: dict, sa: StepAwareModelConfig, method: RewardMethodConfig,
+                         generator: torch.Generator | None = None,
+                         gather: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A `collate_pairs` batch -> `pair_loss` of a `StepAwareScorer`'s rewards of the pairs' one-step estimates.
+
+    Per pair one timestep k uniform on the grid of [t_min, t_max) and one noise draw, both shared by its two
+    images (`OneStepDenoiser.x0_images`, frozen, no grad); the model scores both estimates at t = k / T. All
+    randomness from `generator` (CPU): timesteps, then the VAE posterior draws and the noise. `module` is what runs
+    forward (possibly DDP-wrapped); `denoiser` the `OneStepDenoiser` (`Built.model`). Metrics as the image models',
+    plus `rewards/t` (the batch's mean t)."""
+    prompts = list(batch["captions"])
+    b = len(prompts)
+    k = denoiser.draw_timesteps(b, sa.t_min, sa.t_max, generator)
+    images = denoiser.x0_images(batch["pixel_values"], prompts, k, generator)
+    t = torch.cat([k, k]).float() / denoiser.num_train_timesteps
+    rewards = module(images, prompts + prompts, t)
+    r_w, r_l = rewards[:b], rewards[b:]
+    value, m = pair_loss(r_w, r_l, batch["label"], prompts, batch.get("provenance"), method.loss, method.btt_k,
+                         method.prompt_weight, gather, num_per_prompt=batch.get("num_example_per_prompt"))
+    metrics = {f"rewards/{name}": v for name, v in m.items()}
+    metrics["rewards/chosen"] = r_w.detach().mean()
+    metrics["rewards/rejected"] = r_l.detach().mean()
+    metrics["rewards/t"] = t[:b].mean()
+    return value, metrics
 
 
 def _tiny_clip(run_dir: str, seed: int) -> str:
@@ -361,6 +481,7 @@ class RewardTask(Task):
 
     config_class = RewardTrainConfig
     progress_metrics = ("rewards/accuracy",)
+    denoiser = None  # kind step_aware: the generator's OneStepDenoiser, set by build
 
     def _is_video(self) -> bool:
         return self.cfg.model.kind == "video"
@@ -377,6 +498,10 @@ class RewardTask(Task):
         if src.schema != wanted:
             raise ValueError(f"data.shards {self.cfg.data.shards}: holds {src.schema!r} samples; model.kind "
                              f"{self.cfg.model.kind!r} trains on {wanted!r} shards")
+        held_out = self.cfg.validation.shards
+        if held_out is not None and open_source(held_out).schema != "pair":
+            raise ValueError(f"validation.shards {held_out}: holds {open_source(held_out).schema!r} samples; the "
+                             "per-t-bucket accuracy reads 'pair' shards")
         if self._extra_fields():  # the first pair, before any model loads; every batch is checked again
             from mmalign.data.collate import collate_pairs
             from mmalign.data.dataset import PairDataset
@@ -392,6 +517,8 @@ class RewardTask(Task):
         m = self.cfg.model
         if m.kind == "latent":
             return self._build_latent(device)
+        if m.kind == "step_aware":
+            return self._build_step_aware(device)
         source = _tiny_clip(self.cfg.run.output_dir, self.cfg.run.seed) if m.pretrained == "tiny" else m.pretrained
         if m.kind == "video":
             from mmalign.rewards.clip import read_scorer_card
@@ -428,6 +555,33 @@ class RewardTask(Task):
         module.to(device).train()
         return Built(module=module, params=[p for p in module.parameters() if p.requires_grad], model=vae)
 
+    def _build_step_aware(self, device) -> Built:
+        """A `StepAwareScorer` on `model.pretrained` (time MLP seeded with run.seed, last layer zero; or a step-aware
+        folder, trained further) and the generator's frozen `OneStepDenoiser`, passed to the loss as `Built.model`
+        and kept for validation."""
+        from mmalign.rewards.clip import read_scorer_card, set_trainable
+        from mmalign.rewards.step_aware import OneStepDenoiser, StepAwareScorer
+
+        m, sa = self.cfg.model, self.cfg.model.step_aware
+        source = _tiny_clip(self.cfg.run.output_dir, self.cfg.run.seed) if m.pretrained == "tiny" else m.pretrained
+        card = read_scorer_card(source) if Path(source).is_dir() else None
+        if card is not None and card.get("kind") == "step_aware":
+            module = StepAwareScorer.from_pretrained(source)
+            if (module.time_dim, module.hidden_dim) != (sa.time_dim, sa.hidden_dim):
+                raise ValueError(f"model.pretrained {source}: a step-aware model with time_dim {module.time_dim}, "
+                                 f"hidden_dim {module.hidden_dim}; model.step_aware asks for {sa.time_dim}, "
+                                 f"{sa.hidden_dim}: set them to the folder's")
+            module.name = m.name
+        else:
+            module = StepAwareScorer.from_clip(source, name=m.name, time_dim=sa.time_dim, hidden_dim=sa.hidden_dim,
+                                               seed=self.cfg.run.seed, generator=sa.generator)
+        set_trainable(module.clip, m.unfreeze_vision_blocks, m.unfreeze_text_blocks, m.train_logit_scale)
+        module.time_mlp.requires_grad_(True)
+        self.denoiser = OneStepDenoiser.from_pretrained(sa.generator, guidance_scale=sa.guidance_scale,
+                                                        negative_prompt=sa.negative_prompt).to(device)
+        module.to(device).train()
+        return Built(module=module, params=[p for p in module.parameters() if p.requires_grad], model=self.denoiser)
+
     def batches(self, rank: int, world_size: int, skip: int) -> Iterator[dict]:
         from mmalign.data.collate import collate_pairs, collate_video_pairs
         from mmalign.data.dataset import PairDataset, VideoPairDataset
@@ -442,8 +596,14 @@ class RewardTask(Task):
             dataset = PairDataset(d.shards, transforms={"resolution": d.resolution, "crop": "center"}, ties=d.ties,
                                   extra_fields=self._extra_fields(), **common)
             collate = collate_pairs
-        yield from endless_batches(dataset, collate, self.cfg.train.batch_size, skip=skip, num_workers=d.num_workers,
-                                   what=f"data.shards {d.shards}")
+        counts = None
+        if self.cfg.method.prompt_weight == "shards" and not self._is_video():
+            counts = shard_prompt_counts(d.shards, d.ties)
+        for batch in endless_batches(dataset, collate, self.cfg.train.batch_size, skip=skip,
+                                     num_workers=d.num_workers, what=f"data.shards {d.shards}"):
+            if counts is not None:
+                batch["num_example_per_prompt"] = torch.tensor([float(counts[c]) for c in batch["captions"]])
+            yield batch
 
     @staticmethod
     def compute_loss(cfg, model, module, unwrapped, batch, generator):
@@ -454,6 +614,8 @@ class RewardTask(Task):
             return video_pair_loss(module, batch, k=cfg.method.btt_k, gather=gather)
         if cfg.model.kind == "latent":
             return latent_pair_loss(module, unwrapped, model, batch, cfg.model.latent, cfg.method, generator, gather)
+        if cfg.model.kind == "step_aware":
+            return step_aware_pair_loss(module, model, batch, cfg.model.step_aware, cfg.method, generator, gather)
         return image_pair_loss(module, batch, cfg.method.loss, cfg.method.btt_k, cfg.method.prompt_weight, gather)
 
     def after_optimizer_step(self, unwrapped) -> None:
@@ -461,7 +623,7 @@ class RewardTask(Task):
 
         if self.cfg.model.kind == "latent":
             return  # no logit scale
-        clip = unwrapped.clip if self._is_video() else unwrapped.model
+        clip = unwrapped.clip if self.cfg.model.kind in ("video", "step_aware") else unwrapped.model
         with torch.no_grad():
             clip.logit_scale.clamp_(max=math.log(self.cfg.model.max_logit_scale))
 
@@ -482,6 +644,30 @@ class RewardTask(Task):
         else:
             writer = unwrapped.save_pretrained
         return {OUTPUT: str(atomic_dir(run_dir / OUTPUT, writer))}
+
+    @property
+    def validation_every(self) -> int:
+        return self.cfg.validation.every if self.cfg.validation.shards else 0
+
+    def validate(self, unwrapped, run_dir: Path, step: int, logger) -> dict[str, str]:
+        """kind step_aware with validation.shards: `step_aware_accuracy` on the held-out pairs, logged at `step`
+        (`BucketAccuracy.metrics`, prefix `eval`) and written to `RUN/eval/step-<step>.json`."""
+        v = self.cfg.validation
+        if not v.shards:
+            return {}
+        from mmalign.config import atomic_write_text
+        from mmalign.rewards.step_aware import step_aware_accuracy
+
+        result = step_aware_accuracy(unwrapped, self.denoiser, v.shards, v.buckets, resolution=self.cfg.data.resolution,
+                                     max_pairs=v.max_pairs, batch_size=v.batch_size, seed=v.seed)
+        metrics = result.metrics("eval")
+        logger.log(step, metrics)
+        path = Path(run_dir) / "eval" / f"step-{step:06d}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps({"step": step, "shards": v.shards, "edges": result.edges,
+                                            "accuracy": result.accuracy, "num_pairs": result.num_pairs,
+                                            "num_ties": result.num_ties}, indent=1))
+        return {"eval": str(path)}
 
     def _open_clip_config(self) -> dict | None:
         m = self.cfg.model

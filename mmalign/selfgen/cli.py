@@ -13,6 +13,8 @@ SELFGEN_COMMANDS: dict[str, tuple[str, str]] = {
                "K images per prompt from diffusers generators, ranked by several reward models -> ranked shards"),
     "stic": ("mmalign.vlm.stic", "STIC: VLM preference pairs from unlabeled images (+ stage-2 SFT rows)"),
     "bdhs": ("mmalign.vlm.bdhs", "BDHS: VLM rejected answers with the image mostly hidden -> vlm_pair shards"),
+    "spo": ("mmalign.selfgen.spo", "SPO's step-wise resampler: branches of one DDIM trajectory scored by a step-aware "
+                                   "preference model -> step_pair shards"),
 }
 
 

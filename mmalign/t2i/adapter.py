@@ -167,6 +167,7 @@ class T2IAdapter:
         self.resolution = resolution
         self.proportion_empty_prompts = proportion_empty_prompts
         self.ref_unet = None
+        self.spo = None  # a mmalign.t2i.spo.TransitionScorer when the method is spo (step pairs)
         if reference == "copy":
             self.ref_unet = frozen_copy(components.unet, reference_dtype)
         vae_config = components.vae.config if components.vae is not None else None

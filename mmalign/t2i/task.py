@@ -70,12 +70,16 @@ class ModelConfig(StrictModel):
 
 
 class MethodConfig(StrictModel):
-    name: Literal["dpo", "mapo", "rankdpo", "sft"] = Field(
+    name: Literal["dpo", "mapo", "rankdpo", "spo", "sft"] = Field(
         "dpo", description="dpo = Diffusion-DPO; mapo = margin-aware (no reference); rankdpo = ranked lists; "
-                           "sft = plain denoising loss on winners (the baseline every paper compares to).")
+                           "spo = step-wise preferences on single denoising transitions (step_pair shards from "
+                           "`mmalign selfgen spo`); sft = plain denoising loss on winners (the baseline every paper "
+                           "compares to).")
     beta: Optional[float] = Field(None, gt=0, description="null = the method's published default: dpo/rankdpo "
                                                           "5000 (assumes per-sample MSE averaged over C,H,W), "
-                                                          "mapo 0.1.")
+                                                          "mapo 0.1, spo 10 (assumes transition log-densities "
+                                                          "averaged over C,H,W).")
+    clip_eps: float = Field(0.1, gt=0, lt=1, description="spo: the log-ratio clip ε (PPO-style, SPO's 0.1).")
     loss_type: str = Field("sigmoid", description=f"dpo variant (TRL's names), one of {', '.join(DPO_LOSS_TYPES)}.")
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="Only for dpo loss types that use it "
                                                                     "(sigmoid, robust).")
@@ -87,21 +91,26 @@ class MethodConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check(self) -> "MethodConfig":
-        check_method(self.name, "error", self.loss_type, self.label_smoothing, where="method")
+        check_method(self.name, self.kind, self.loss_type, self.label_smoothing, where="method")
         if self.ties != "drop":
             raise ValueError(f"ties {self.ties!r}: method {self.name!r} has no tie-aware form; use ties 'drop'")
         return self
 
+    @property
+    def kind(self) -> str:
+        """The surrogate kind the method is defined on: SPO's transition log-densities, else denoising errors."""
+        return "transition" if self.name == "spo" else "error"
+
     def resolved_beta(self) -> float:
         if self.beta is not None:
             return self.beta
-        return METHODS[self.name].default_beta["error"]
+        return METHODS[self.name].default_beta[self.kind]
 
 
 class DataConfig(StrictModel):
     shards: str = Field(..., description="Shard folder (with manifest.json) or brace pattern of .tar files.")
-    schema_name: Literal["pair", "ranked"] = Field("pair", alias="schema", description="pair for dpo/mapo/sft, "
-                                                                                      "ranked for rankdpo.")
+    schema_name: Literal["pair", "ranked", "step_pair"] = Field(
+        "pair", alias="schema", description="pair for dpo/mapo/sft, ranked for rankdpo, step_pair for spo.")
     resolution: int = Field(512, gt=0, description="Square training resolution in pixels; a multiple of 8 "
                                                    "(16 for SDXL).")
     center_crop: bool = Field(True, description="true = centre crop, false = random crop (same crop for both "
@@ -170,6 +179,13 @@ class T2ITrainConfig(BaseTrainConfig):
             raise ValueError("method.name 'rankdpo' needs data.schema 'ranked'")
         if self.method.name != "rankdpo" and self.data.schema_name == "ranked":
             raise ValueError(f"data.schema 'ranked' is only used by method 'rankdpo', not {self.method.name!r}")
+        if (self.method.name == "spo") != (self.data.schema_name == "step_pair"):
+            raise ValueError("method.name 'spo' trains on data.schema 'step_pair' (from `mmalign selfgen spo`), and "
+                             f"step_pair shards only on spo (got method {self.method.name!r}, schema "
+                             f"{self.data.schema_name!r})")
+        if self.method.name == "spo" and (self.data.use_cache or self.data.proportion_empty_prompts > 0):
+            raise ValueError("method 'spo' reads stored latents and conditions on the stored prompt with the "
+                             "row's guidance: data.cache and data.proportion_empty_prompts do not apply")
         if self.data.use_cache and (not self.data.center_crop or self.data.random_flip):
             raise ValueError("data.cache true holds one encoding per image: set data.center_crop true and "
                              "data.random_flip false, or data.cache false for random crops and flips")
@@ -219,6 +235,10 @@ def build_adapter(cfg: T2ITrainConfig, device: torch.device, encoders_on_device:
                          proportion_empty_prompts=cfg.data.proportion_empty_prompts)
     if adapter.ref_unet is not None and not m.offload_reference:
         adapter.ref_unet.to(device)
+    if cfg.method.name == "spo":
+        from mmalign.t2i.spo import TransitionScorer
+
+        adapter.spo = TransitionScorer(adapter, m.revision)
     return adapter
 
 
@@ -227,11 +247,15 @@ def compute_loss(cfg: T2ITrainConfig, adapter: T2IAdapter, unet, unwrapped_unet,
                  generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
     """One micro-batch: surrogates from the adapter, loss from the method table."""
     method = cfg.method
-    surrogates = adapter.surrogates(unet, batch, generator, with_reference=adapter.reference != "none",
-                                    unwrapped=unwrapped_unet)
+    if method.name == "spo":  # one transition per row: no t or noise to draw
+        surrogates = adapter.spo.surrogates(unet, batch, with_reference=True, unwrapped=unwrapped_unet)
+    else:
+        surrogates = adapter.surrogates(unet, batch, generator, with_reference=adapter.reference != "none",
+                                        unwrapped=unwrapped_unet)
     return preference_loss(method.name, surrogates, beta=method.resolved_beta(), loss_type=method.loss_type,
                            label_smoothing=method.label_smoothing, scores=batch.get("scores"),
-                           rank_weighting=method.rank_weighting, mapo_snr_value=method.mapo_snr_value)
+                           rank_weighting=method.rank_weighting, mapo_snr_value=method.mapo_snr_value,
+                           clip_eps=method.clip_eps)
 
 
 # -- data --------------------------------------------------------------------------------------------------------
@@ -251,10 +275,14 @@ def build_dataset(cfg: T2ITrainConfig, rank: int, world_size: int, producer: dic
     one), cached entries replace images. Images travel from the DataLoader workers as uint8 `pixels` (a quarter of
     the bytes of float pixels, and no float conversion in the workers) and become float on the training device
     (`T2IAdapter.inputs`)."""
-    from mmalign.data.collate import collate_pairs, collate_ranked
-    from mmalign.data.dataset import PairDataset, RankedDataset
+    from mmalign.data.collate import collate_pairs, collate_ranked, collate_step_pairs
+    from mmalign.data.dataset import PairDataset, RankedDataset, StepPairDataset
 
     d = cfg.data
+    if d.schema_name == "step_pair":  # stored latents: no images, transforms or cache
+        return StepPairDataset(d.shards, shuffle=d.shuffle_buffer > 0, shuffle_buffer=max(d.shuffle_buffer, 1),
+                               seed=cfg.run.seed, rank=rank, world_size=world_size,
+                               strict=d.strict), collate_step_pairs
     if producer is not None:
         images = dict(decode_images=False, caches={CACHE_NAME: producer}, cache_root=d.cache_root)
     else:
@@ -297,7 +325,8 @@ class T2ITask(Task):
         if cfg.train.ema and cfg.model.lora is not None:
             raise TrainingError("train.ema is for full fine-tunes; with LoRA keep ema false")
         usable = usable_groups(cfg)
-        what = "ranked lists" if cfg.data.schema_name == "ranked" else "pairs (ties dropped)"
+        what = {"ranked": "ranked lists", "step_pair": "step pairs"}.get(cfg.data.schema_name,
+                                                                          "pairs (ties dropped)")
         if usable is not None and usable < cfg.train.batch_size:
             raise DataError(f"data.shards {cfg.data.shards}: no usable batch: the manifest lists {usable} usable "
                             f"{what}, fewer than train.batch_size {cfg.train.batch_size}"
