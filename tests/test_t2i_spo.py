@@ -196,3 +196,16 @@ def test_sdxl_step_pairs_train(tmp_path):
     train(load_train_config(str(tmp_path / "cfg.json"), []))
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
+@pytest.mark.parametrize("name", ["configs/sd15_spo_lora.yaml", "configs/sdxl_spo_lora.yaml",
+                                  "configs/reward/step_aware_sd15.yaml"])
+def test_published_spo_recipes_validate_and_state_their_sources(name):
+    from pathlib import Path
+
+    cfg = load_train_config(name, [])
+    text = Path(name).read_text()
+    if cfg.task == "t2i":
+        assert "β" in text
+        assert cfg.method.name == "spo" and cfg.method.resolved_beta() == 10 and cfg.data.schema_name == "step_pair"
+        assert "RockeyCoss/SPO" in text or "paper" in text
