@@ -54,7 +54,8 @@ def test_the_transition_surrogate_is_the_ddim_log_density_with_guidance():
             eps_u = unet(x, t, uncond[i:i + 1]).sample
         eps = eps_u + float(batch["guidance_scale"][i]) * (eps_c - eps_u)
         prev = t - sched.config.num_train_timesteps // sched.num_inference_steps
-        abar, abar_prev = sched.alphas_cumprod[t], sched.alphas_cumprod[prev] if prev >= 0 else sched.final_alpha_cumprod
+        abar = sched.alphas_cumprod[t]
+        abar_prev = sched.alphas_cumprod[prev] if prev >= 0 else sched.final_alpha_cumprod
         x0 = (x - (1 - abar).sqrt() * eps) / abar.sqrt()
         var = (1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)
         std = float(batch["eta"][i]) * var.sqrt()
@@ -124,7 +125,7 @@ def test_the_resampler_keeps_pairs_above_the_threshold_and_continues_from_a_rand
     adapter = _adapter()
     cfg = SPOSamplingConfig(num_inference_steps=8, guidance_scale=3.0, k=2, divert_start=1, threshold=0.0,
                             score_scale=1.0, seed=0)
-    rows = resample(adapter, _Scores(), PROMPTS, [11, 12, 13, 14], cfg)
+    rows = resample(adapter, _Scores(), PROMPTS, [11, 12, 13, 14], cfg)  # threshold 0: every decided step
     assert rows and all(r["scores_w"] > r["scores_l"] for r in rows)
     assert {r["step_index"] for r in rows} <= set(range(1, 8))
     # k = 2: both candidates are stored, and the next state is one of them, not always the winner
@@ -198,7 +199,7 @@ def test_sdxl_step_pairs_train(tmp_path):
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
 
 
-@pytest.mark.parametrize("name", ["configs/sd15_spo_lora.yaml", "configs/sdxl_spo_lora.yaml",
+@pytest.mark.parametrize("name", ["configs/spo/sd15_spo_lora.yaml", "configs/spo/sdxl_spo_lora.yaml",
                                   "configs/reward/step_aware_sd15.yaml"])
 def test_published_spo_recipes_validate_and_state_their_sources(name):
     from pathlib import Path
@@ -209,3 +210,41 @@ def test_published_spo_recipes_validate_and_state_their_sources(name):
         assert "β" in text
         assert cfg.method.name == "spo" and cfg.method.resolved_beta() == 10 and cfg.data.schema_name == "step_pair"
         assert "RockeyCoss/SPO" in text or "paper" in text
+
+
+def _online(tmp_path, *overrides):
+    return load_train_config("configs/tiny/t2i_spo_online.yaml", [f"run.output_dir={tmp_path / 'run'}",
+                                                                  "train.progress=false", *overrides])
+
+
+def test_online_spo_samples_with_the_policy_and_trains_from_ln2(tmp_path):
+    result = train(_online(tmp_path))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert all(r["spo/pairs"] >= 1 and r["spo/gap"] > 0.2 for r in rows)
+    assert rows[-1]["step"] == 4 and "lora" in result.outputs
+
+
+def test_online_spo_resume_repeats_the_uninterrupted_run(tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    train(_online(full))
+    train(_online(part, "train.max_steps=3"))
+    train(_online(part, "run.resume=latest"))
+
+    def rows(folder):
+        return {r["step"]: (r["loss"], r["spo/pairs"]) for r in
+                (json.loads(line) for line in (folder / "run" / "metrics.jsonl").read_text().splitlines())}
+
+    assert rows(full)[3] == rows(part)[3] and rows(full)[4] == rows(part)[4]
+
+
+def test_online_spo_skips_and_counts_batches_without_pairs_and_checks_its_config(tmp_path):
+    train(_online(tmp_path, "online.threshold=0.999", "train.max_steps=2"))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["skipped/spo_no_pairs"] == 2
+    with pytest.raises(Exception, match="data.shards: null"):
+        _online(tmp_path, "data.shards=assets/tiny/step_pairs")
+    with pytest.raises(Exception, match="method.name: spo"):
+        _online(tmp_path, "method.name=dpo", "data.schema=pair")
+    with pytest.raises(Exception, match="online.scorer"):
+        train(_online(tmp_path / "x", "online.scorer=no_such_scorer"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Iterator
 
 
 def read_prompts(path: str | os.PathLike, limit: int | None = None) -> list[str]:
@@ -43,3 +44,28 @@ def read_prompt_rows(path: str | os.PathLike, limit: int | None = None) -> list[
     if not prompts:
         raise ValueError(f"prompt file {p} holds no prompt (one per line; '#' starts a comment)")
     return prompts
+
+
+def prompt_batches(path: str, batch_size: int, *, seed: int, rank: int, world_size: int, skip: int,
+                   limit: int | None = None) -> Iterator[dict]:
+    """Endless micro-batches `{"captions", "keys", "epoch"}` of prompts for online training: each epoch a fresh
+    permutation (seeded by `seed` and the epoch), dealt to the ranks in turn, incomplete batches dropped; the first
+    `skip` are consumed silently (resume)."""
+    import numpy as np
+
+    prompts = [p for p, _ in read_prompt_rows(path, limit=limit)]
+    per_epoch = len(prompts) // (batch_size * world_size)
+    if per_epoch == 0:
+        raise ValueError(f"{path}: {len(prompts)} prompts are fewer than train.batch_size {batch_size} x "
+                         f"{world_size} processes")
+    produced, epoch = 0, 0
+    while True:
+        order = np.random.default_rng([seed, epoch]).permutation(len(prompts))
+        for j in range(per_epoch):
+            produced += 1
+            if produced <= skip:
+                continue
+            start = (j * world_size + rank) * batch_size
+            idx = order[start:start + batch_size].tolist()
+            yield {"captions": [prompts[i] for i in idx], "keys": [f"prompt-{i:06d}" for i in idx], "epoch": epoch}
+        epoch += 1

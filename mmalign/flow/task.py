@@ -270,33 +270,6 @@ def _online_loss(cfg: FlowTrainConfig, sampler: OnlineSampler, transformer, unwr
 
 
 # -- data --------------------------------------------------------------------------------------------------------
-def prompt_batches(path: str, batch_size: int, *, seed: int, rank: int, world_size: int, skip: int,
-                   limit: int | None = None) -> Iterator[dict]:
-    """Endless micro-batches `{"captions", "keys", "epoch"}` of prompts for online training: each epoch a fresh
-    permutation (seeded by `seed` and the epoch), dealt to the ranks in turn, incomplete batches dropped; the first
-    `skip` are consumed silently (resume)."""
-    import numpy as np
-
-    from mmalign.data.prompts import read_prompt_rows
-
-    prompts = [p for p, _ in read_prompt_rows(path, limit=limit)]
-    per_epoch = len(prompts) // (batch_size * world_size)
-    if per_epoch == 0:
-        raise DataError(f"online.prompts {path}: {len(prompts)} prompts are fewer than train.batch_size "
-                        f"{batch_size} x {world_size} processes")
-    produced, epoch = 0, 0
-    while True:
-        order = np.random.default_rng([seed, epoch]).permutation(len(prompts))
-        for j in range(per_epoch):
-            produced += 1
-            if produced <= skip:
-                continue
-            start = (j * world_size + rank) * batch_size
-            idx = order[start:start + batch_size].tolist()
-            yield {"captions": [prompts[i] for i in idx], "keys": [f"prompt-{i:06d}" for i in idx], "epoch": epoch}
-        epoch += 1
-
-
 def _item_rewards(extra: dict | None, dims: dict[str, float], key: str) -> tuple[float, float]:
     """(reward of A, reward of B) = sum_d w_d·r_d from a video pair's `rewards_a` / `rewards_b` JSON fields."""
     out = []
@@ -531,6 +504,8 @@ class FlowTask(Task):
 
         cfg, d = self.cfg, self.cfg.data
         if cfg.online is not None:
+            from mmalign.data.prompts import prompt_batches
+
             yield from prompt_batches(cfg.online.prompts, cfg.train.batch_size, seed=cfg.run.seed, rank=rank,
                                       world_size=world_size, skip=skip, limit=cfg.online.max_prompts)
             return

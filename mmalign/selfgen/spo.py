@@ -34,10 +34,10 @@ import shutil
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-import torch
-from torch import Tensor
+if TYPE_CHECKING:
+    from torch import Tensor
 
 STAGING = ".staging"
 
@@ -99,9 +99,11 @@ class StepScorer:
             raise ValueError(f"scorer {spec!r} gives several dimensions {list(model.dims)}; SPO needs one score")
         return cls(model.requires_grad_(False).eval().to(device))
 
-    @torch.no_grad()
     def __call__(self, images: Tensor, prompts: list[str], t: Tensor) -> Tensor:
-        out = self.model.score(images, prompts, t) if self.step_aware else self.model.score(images, prompts)
+        import torch
+
+        with torch.no_grad():
+            out = self.model.score(images, prompts, t) if self.step_aware else self.model.score(images, prompts)
         return out.float().reshape(-1)
 
 
@@ -112,10 +114,17 @@ def _parameters(fn) -> tuple[str, ...]:
 
 
 # -- the resampler -------------------------------------------------------------------------------------------------
-@torch.no_grad()
 def resample(adapter, scorer: Callable, prompts: Sequence[str], seeds: Sequence[int], cfg: SPOSamplingConfig,
              scheduler=None) -> list[dict[str, Any]]:
     """Step pairs of one batch of prompts (module docstring): a list of row dicts (latents on the CPU)."""
+    import torch
+
+    with torch.no_grad():
+        return _resample(adapter, scorer, prompts, seeds, cfg, scheduler)
+
+
+def _resample(adapter, scorer, prompts, seeds, cfg, scheduler) -> list[dict[str, Any]]:
+    import torch
     from mmalign.samplers.ddim import ddim_step_with_logprob
     from mmalign.samplers.diffusion import predicted_x0
     from mmalign.t2i.spo import ddim_scheduler, guided_prediction
@@ -170,7 +179,7 @@ def resample(adapter, scorer: Callable, prompts: Sequence[str], seeds: Sequence[
     return rows
 
 
-def _cpu_draws(gens: list[torch.Generator]):
+def _cpu_draws(gens: list):
     return gens if len(gens) > 1 else gens[0]
 
 
@@ -183,6 +192,8 @@ def _latent_shape(adapter) -> tuple[int, ...]:
 
 
 def _time_ids(adapter, n: int, shape) -> Tensor | None:
+    import torch
+
     if not adapter.c.is_sdxl:
         return None
     size = adapter.resolution

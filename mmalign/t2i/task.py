@@ -108,7 +108,9 @@ class MethodConfig(StrictModel):
 
 
 class DataConfig(StrictModel):
-    shards: str = Field(..., description="Shard folder (with manifest.json) or brace pattern of .tar files.")
+    shards: Optional[str] = Field(None, description="Shard folder (with manifest.json) or brace pattern of .tar "
+                                                    "files (required, except for online tasks that make their own "
+                                                    "data, e.g. task spo_online).")
     schema_name: Literal["pair", "ranked", "step_pair"] = Field(
         "pair", alias="schema", description="pair for dpo/mapo/sft, ranked for rankdpo, step_pair for spo.")
     resolution: int = Field(512, gt=0, description="Square training resolution in pixels; a multiple of 8 "
@@ -172,6 +174,8 @@ class T2ITrainConfig(BaseTrainConfig):
 
     @model_validator(mode="after")
     def _check(self) -> "T2ITrainConfig":
+        if self.data.shards is None and not self.makes_own_data():
+            raise ValueError("missing required key 'data.shards' (a shard folder or .tar brace pattern)")
         if self.data.resolution % 8:
             raise ValueError(f"data.resolution {self.data.resolution} is not a multiple of 8 (the VAE "
                              "downsamples by 8; SDXL needs 16)")
@@ -191,6 +195,10 @@ class T2ITrainConfig(BaseTrainConfig):
                              "data.random_flip false, or data.cache false for random crops and flips")
         self.reference_mode()  # a reference the method or model cannot use fails here
         return self
+
+    def makes_own_data(self) -> bool:
+        """Whether the run samples its own data instead of reading data.shards (online subclasses)."""
+        return False
 
     def reference_mode(self) -> str:
         """The reference this run uses: lora, copy or none (`mmalign.models.reference.resolve_reference`)."""
