@@ -248,3 +248,22 @@ def test_online_spo_skips_and_counts_batches_without_pairs_and_checks_its_config
         _online(tmp_path, "method.name=dpo", "data.schema=pair")
     with pytest.raises(Exception, match="online.scorer"):
         train(_online(tmp_path / "x", "online.scorer=no_such_scorer"))
+
+
+@pytest.mark.distributed
+def test_selfgen_spo_on_two_processes_writes_what_one_process_writes(tmp_path):
+    from dist_helpers import torchrun2
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    args = ["--model", SD15, "--scorer", "toy_color_soft", "--prompts", str(prompts), "--resolution", "32",
+            "--steps", "6", "--guidance-scale", "2", "--k", "3", "--divert-start", "1", "--threshold", "0.05",
+            "--score-scale", "50", "--batch-size", "2", "--device", "cpu", "--no-progress"]
+    from mmalign.cli import main
+
+    assert main(["selfgen", "spo", *args, "--out", str(tmp_path / "one")]) == 0
+    script = tmp_path / "run.py"
+    script.write_text("import sys\nfrom mmalign.cli import main\nsys.exit(main(sys.argv[1:]))\n")
+    torchrun2(script, "selfgen", "spo", *args, "--out", str(tmp_path / "two"), timeout=600)
+    a, b = _rows(tmp_path / "one"), _rows(tmp_path / "two")
+    assert a["keys"] == b["keys"] and all(torch.equal(a[n], b[n]) for n in ("x_t", "x_w", "x_l"))
