@@ -16,6 +16,11 @@
   ground-truth total reward.
 - `step_pairs/`: `step_pair` shards for SPO: `mmalign selfgen spo` on the tiny SD 1.5 (`sd15/`, built first) with
   the toy colour reward standing in for a step-aware model (10 DDIM steps, eta 1, guidance 5, k 4).
+- `musicgen/`: a tiny MusicGen (`MusicgenForConditionalGeneration`: T5 text encoder, EnCodec, decoder with K=4
+  codebooks of 64 codes; `mmalign.music.tiny`), random weights, loadable with `from_pretrained`.
+- `music_pairs/`: `music_pair` shards of toy token music for `musicgen/` (K=4 codebooks of 64 codes, 6 to 16 frames,
+  int16 codes): the chosen codes' codebook 0 follows the caption's pitch pattern (ascending, descending, repeating,
+  alternating), the rejected codes' another pattern; codebooks 1..3 carry the caption instrument's timbre codes.
 
 Deterministic from --seed (same bytes every run).
 """
@@ -66,6 +71,37 @@ def toy_ranked(n: int, k: int, seed: int):
         yield f"toy-{i:06d}", imgs, caption, [float(s) for s in scores]
 
 
+MUSIC_PATTERNS = ("ascending", "descending", "repeating", "alternating")
+MUSIC_INSTRUMENTS = ("piano", "guitar", "violin", "flute")
+
+
+def toy_music_codes(pattern: str, instrument: str, frames: int, rng, num_codebooks: int = 4,
+                    vocab_size: int = 64) -> np.ndarray:
+    """(K, T) toy codes: codebook 0 a pitch line following `pattern` from a random start, codebooks 1..K-1 the
+    instrument's timbre code (one per codebook) with occasional neighbours."""
+    start, step = int(rng.integers(8, vocab_size - 24)), int(rng.integers(1, 3))
+    t = np.arange(frames)
+    pitch = {"ascending": start + step * t, "descending": start + 16 - step * t,
+             "repeating": np.full(frames, start), "alternating": start + step * 4 * (t % 2)}[pattern]
+    codes = np.empty((num_codebooks, frames), dtype=np.int16)
+    codes[0] = np.clip(pitch, 0, vocab_size - 1)
+    base = MUSIC_INSTRUMENTS.index(instrument) * 12 + 4
+    for k in range(1, num_codebooks):
+        codes[k] = base + 2 * k + (rng.random(frames) < 0.2)
+    return codes
+
+
+def toy_music_pairs(n: int, seed: int):
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        pattern, other = rng.choice(MUSIC_PATTERNS, size=2, replace=False)
+        instrument = MUSIC_INSTRUMENTS[rng.integers(len(MUSIC_INSTRUMENTS))]
+        caption = f"{'an' if pattern[0] in 'aeiou' else 'a'} {pattern} {instrument} melody"
+        chosen = toy_music_codes(pattern, instrument, int(rng.integers(6, 17)), rng)
+        rejected = toy_music_codes(other, instrument, int(rng.integers(6, 17)), rng)
+        yield f"toy-{i:06d}", caption, chosen, rejected, str(other)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="assets/tiny")
@@ -73,20 +109,23 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=256)
     ap.add_argument("--ranked", type=int, default=64)
     ap.add_argument("--video-pairs", type=int, default=32)
-    ap.add_argument("--only", default="sd15,sdxl,sd3,wan,ltx,pairs,ranked,video_pairs,step_pairs",
+    ap.add_argument("--music-pairs", type=int, default=48)
+    ap.add_argument("--only", default="sd15,sdxl,sd3,wan,ltx,pairs,ranked,video_pairs,step_pairs,musicgen,music_pairs",
                     help="comma-separated parts to (re)build")
     args = ap.parse_args()
     parts = {p.strip() for p in args.only.split(",")}
     from mmalign.t2i.tiny import build_tiny_sd
 
     from mmalign.flow.tiny import build_tiny_ltx, build_tiny_sd3, build_tiny_wan
+    from mmalign.music.tiny import build_tiny_musicgen
 
     out = Path(args.out)
     for part, build in (("sd15", lambda: build_tiny_sd(out / "sd15", kind="sd15", seed=args.seed)),
                         ("sdxl", lambda: build_tiny_sd(out / "sdxl", kind="sdxl", seed=args.seed)),
                         ("sd3", lambda: build_tiny_sd3(out / "sd3", seed=args.seed)),
                         ("wan", lambda: build_tiny_wan(out / "wan", seed=args.seed)),
-                        ("ltx", lambda: build_tiny_ltx(out / "ltx", seed=args.seed))):
+                        ("ltx", lambda: build_tiny_ltx(out / "ltx", seed=args.seed)),
+                        ("musicgen", lambda: build_tiny_musicgen(out / "musicgen", seed=args.seed))):
         if part in parts:
             build()
     if "pairs" in parts:
@@ -97,6 +136,8 @@ def main() -> None:
         write_video_pairs(out, args)
     if "step_pairs" in parts:
         write_step_pairs(out, args)
+    if "music_pairs" in parts:
+        write_music_pairs(out / "music_pairs", args.music_pairs, args.seed + 3)
     print(f"wrote {out}")
 
 
@@ -148,6 +189,20 @@ def write_pairs(out: Path, args) -> None:
                                 provenance={"source": "mmalign-toy", "generator": "toy-renderer"},
                                 rewards=rewards))
         w.set_conversion({"from": "toy", "seed": args.seed, "counts": {"pairs": args.pairs}})
+
+
+def write_music_pairs(out: Path, n: int, seed: int) -> Path:
+    """`n` toy `music_pair` samples (`toy_music_pairs`) into `out` (one shard)."""
+    from mmalign.data.schemas import music_pair_sample
+    from mmalign.data.writer import ShardSetWriter
+
+    with ShardSetWriter(out, "music_pair", max_count=max(n, 1), overwrite=True) as w:
+        for key, caption, chosen, rejected, other in toy_music_pairs(n, seed):
+            w.write(music_pair_sample(key, chosen, rejected, prompt=caption, codec="tiny-encodec", frame_rate=50.0,
+                                      provenance={"source": "mmalign-toy", "generator": "toy-token-music"},
+                                      rejected_pattern=other))
+        w.set_conversion({"from": "toy", "seed": seed, "counts": {"pairs": n}})
+    return out
 
 
 def write_ranked(out: Path, args) -> None:

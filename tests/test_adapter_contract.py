@@ -108,8 +108,33 @@ def _vlm_row(folder: str) -> Row:
     return Row(build, batch, "logp", 0.1)
 
 
+# -- music tokens ---------------------------------------------------------------------------------------------------
+def _music_row(folder: str) -> Row:
+    from mmalign.music.adapter import load_music
+
+    def build(reference):
+        torch.manual_seed(0)
+        adapter = load_music(folder, reference=reference, lora={"rank": 4, "alpha": 8.0, "dropout": 0.0})
+        adapter.model.train()
+        return adapter, adapter.model
+
+    def batch(identical):
+        """A `collate_music_pairs` batch of 2 pairs (K=4 codebooks, chosen 7 frames, rejected 5 + 2 pad frames)."""
+        g = torch.Generator().manual_seed(1)
+        chosen = torch.randint(0, 64, (2, 4, 7), generator=g)
+        rejected = chosen.clone() if identical else torch.randint(0, 64, (2, 4, 7), generator=g)
+        mask = torch.ones(4, 7, dtype=torch.bool)
+        if not identical:
+            mask[2:, 5:] = False
+        return {"keys": ["a", "b"], "prompts": ["an ascending piano melody", "drums"],
+                "codes": torch.cat([chosen, rejected]), "codes_mask": mask, "lengths": mask.sum(1)}
+
+    return Row(build, batch, "logp", 0.1)
+
+
 @pytest.fixture(scope="module")
 def rows(tmp_path_factory, tiny_sd15, tiny_sdxl):
+    from mmalign.music.tiny import build_tiny_musicgen
     from mmalign.toy.video_pipeline import build_toy_video
     from mmalign.vlm.tiny import build_tiny_vlm
 
@@ -125,11 +150,12 @@ def rows(tmp_path_factory, tiny_sd15, tiny_sdxl):
         "flow-wan": _flow_row("assets/tiny/wan", video=True),
         "flow-toy_video": _flow_row(str(toy_video), video=True),
         "flow-ltx": _flow_row("assets/tiny/ltx", video=True),
+        "music-musicgen": _music_row(str(build_tiny_musicgen(tmp_path_factory.mktemp("contract_music") / "mg"))),
     }
 
 
 ROWS = ["t2i-sd15", "t2i-sdxl", "vlm-llava", "vlm-qwen2_vl", "flow-sd3", "flow-wan", "flow-toy_video",
-        "flow-ltx"]
+        "flow-ltx", "music-musicgen"]
 
 
 def _surrogates(adapter, policy, batch, seed=0) -> Surrogates:

@@ -52,6 +52,7 @@ TASKS: dict[str, str] = {
     "vlm": "mmalign.vlm.task:VLMTask",
     "reward": "mmalign.rewards.task:RewardTask",
     "flow": "mmalign.flow.task:FlowTask",
+    "music": "mmalign.music.task:MusicTask",
     "spo_online": "mmalign.selfgen.spo_online:SPOOnlineTask",
 }
 

@@ -1,0 +1,241 @@
+"""The music training task (`task: music`): preference (DPO family) or SFT training of a MusicGen-class model on
+`music_pair` shards, driven by the one training loop (`mmalign.train.trainer`).
+
+The task is thin: `build` loads the model through `mmalign.music.adapter.load_music` (LoRA on the decoder blocks or
+a full fine-tune of the decoder; the T5 text encoder and EnCodec stay frozen; reference by disabled LoRA / frozen
+copy / precomputed log-probs), `batches` reads the shards with `CheckedMusicPairDataset` (a pair whose codes the
+model cannot score is skipped and counted, or with `data.strict` is an error naming its shard and key),
+`compute_loss` is `music_preference_loss` (below), and `save_final` writes the model (LoRA: `lora/`, a peft adapter
+for `PeftModel.from_pretrained(base, folder)`, with the tokenizer; full fine-tune: `model/`, loadable with
+`from_pretrained`).
+
+    mmalign train configs/tiny/music_dpo.yaml
+
+The objective (`music_preference_loss`): per pair (prompt x, chosen codes c_w, rejected codes c_l), the adapter gives
+the codes' log-likelihoods under the policy and the reference (summed over codebooks and frames, the delay pattern
+as generation applies it); the loss is `mmalign.losses.dpo_loss` on them through the method table, with every
+`loss_type` of the core. `surrogate` is `auto` by default: the loss type's own (per-token mean log-probs for `ipo`,
+sums for the others); `mean` uses per-token means with any type (length-normalised variants); `sum` with `ipo` is
+refused. `sft_weight` adds the chosen codes' NLL (`sft_reduction`: summed or per-token mean). `name: sft` is the
+SFT-only control: the chosen codes' NLL alone (no reference, no rejected codes).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Any, Iterator, Literal, Optional
+
+import torch
+from pydantic import Field, model_validator
+
+from mmalign.config import StrictModel
+from mmalign.losses import DPO_LOSS_TYPES
+from mmalign.methods import METHODS, check_method, preference_loss, sequence_surrogate
+from mmalign.models.reference import ReferenceChoice, resolve_reference
+from mmalign.music.adapter import MUSIC_LORA_TARGETS, MusicAdapter, load_music
+from mmalign.music.codes import CheckedMusicPairDataset, MusicCodesError
+from mmalign.music.reference_cache import REF_CACHE_NAME, precompute_reference_logps
+from mmalign.train.config import BaseTrainConfig
+from mmalign.train.tasks import Built, SkipBatch, Task
+from mmalign.train.trainer import DataError
+
+
+class MusicMethodConfig(StrictModel):
+    name: Literal["dpo", "sft"] = Field("dpo", description="dpo = DPO family on the codes' log-probs (+ optional "
+                                                           "SFT term); sft = the chosen codes' NLL only.")
+    beta: float = Field(0.1, gt=0, description="KL strength on summed code log-probs (the method table's logp "
+                                               "default, TRL's 0.1).")
+    loss_type: str = Field("sigmoid", description=f"DPO variant (TRL's names), one of {', '.join(DPO_LOSS_TYPES)}.")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="Only for loss types sigmoid and robust.")
+    surrogate: Literal["auto", "sum", "mean"] = Field(
+        "auto", description="Code log-likelihood the DPO loss compares: auto = the loss type's own (per-token mean "
+                            "for ipo, sum over codebooks and frames for the others; "
+                            "mmalign.methods.sequence_surrogate); mean = per-token mean with any type; sum with ipo "
+                            "is refused.")
+    sft_weight: float = Field(0.0, ge=0.0, description="Weight of the chosen codes' NLL added to the DPO loss; 0 = "
+                                                       "pure DPO.")
+    sft_reduction: Literal["sum", "mean"] = Field("mean", description="NLL per sample of the SFT term and of "
+                                                                      "method sft: summed over the codes or "
+                                                                      "their per-token mean.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "MusicMethodConfig":
+        check_method(self.name, "logp", self.loss_type, self.label_smoothing, where="method")
+        sequence_surrogate(self.loss_type, self.surrogate)
+        return self
+
+
+def music_preference_loss(adapter: MusicAdapter, batch: dict[str, Any], method: MusicMethodConfig,
+                          policy=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One `collate_music_pairs` batch -> (loss, metrics): the adapter's surrogates through the method table.
+    `policy` is the module to run forward through (a DDP-wrapped policy in the trainer; default `adapter.model`).
+
+    Metrics (TRL names): rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies, logps/chosen,
+    logps/rejected, sft/nll, tokens/chosen, tokens/rejected (sft: sft/nll, logps/chosen, tokens/chosen).
+    """
+    policy = adapter.model if policy is None else policy
+    if method.name == "sft":
+        s = adapter.surrogates(policy, batch, with_reference=False, chosen_only=True)
+        nll, _ = preference_loss("sft", s.per_token() if method.sft_reduction == "mean" else s, beta=1.0)
+        return nll, {"sft/nll": nll.detach(), "logps/chosen": s.policy[0].mean().detach(),
+                     "tokens/chosen": s.counts[0].float().mean()}
+    s = adapter.surrogates(policy, batch, with_reference=True)
+    scored = s.per_token() if sequence_surrogate(method.loss_type, method.surrogate) == "mean" else s
+    loss, metrics = preference_loss("dpo", scored, beta=method.beta, loss_type=method.loss_type,
+                                    label_smoothing=method.label_smoothing)
+    metrics = dict(metrics)
+    nll = -(s.per_token() if method.sft_reduction == "mean" else s).policy[0].mean()
+    if method.sft_weight > 0:
+        loss = loss + method.sft_weight * nll
+    metrics["sft/nll"] = nll.detach()
+    metrics["tokens/chosen"] = s.counts[0].float().mean()
+    metrics["tokens/rejected"] = s.counts[1].float().mean()
+    return loss, metrics
+
+
+class MusicLoraConfig(StrictModel):
+    rank: int = Field(16, ge=1, description="LoRA rank r.")
+    alpha: float = Field(32.0, gt=0, description="LoRA alpha (scale alpha / rank).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(
+        default_factory=lambda: list(MUSIC_LORA_TARGETS),
+        description="Linear layers of the decoder blocks to adapt (self- and cross-attention projections, "
+                    "feed-forward); the text encoder and EnCodec are never adapted.")
+
+
+class MusicModelConfig(StrictModel):
+    pretrained: str = Field(..., description="MusicGen folder or hub id: MusicgenForConditionalGeneration "
+                                             "(facebook/musicgen-*), or MusicgenForCausalLM with text_encoder/.")
+    revision: Optional[str] = None
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype; float32 on "
+                                                                                  "CPU (the safe default).")
+    lora: Optional[MusicLoraConfig] = Field(None, description="null = full fine-tune of the decoder; set = LoRA on "
+                                                              "the decoder blocks.")
+    reference: ReferenceChoice = Field(
+        "auto", description="auto = lora with LoRA (adapters disabled, no second copy), else copy (a frozen copy "
+                            "in memory); precomputed = read reference log-probs from the shards' cache "
+                            "(mmalign.music.reference_cache; built by --cache-only). SFT uses none.")
+    max_frames: Optional[int] = Field(None, gt=0, description="Code frames kept per sequence (the first ones; 50 "
+                                                              "per second for MusicGen); null = all.")
+    disable_dropout: bool = Field(True, description="Set every dropout to 0 (TRL's default for preference "
+                                                    "training), so the policy and its reference see one network.")
+    gradient_checkpointing: bool = False
+
+
+class MusicDataConfig(StrictModel):
+    shards: str = Field(..., description="music_pair shard folder (with manifest.json): chosen / rejected codes.")
+    shuffle_buffer: int = Field(1000, ge=0, description="0 = stored order.")
+    num_workers: int = Field(0, ge=0)
+    strict: bool = Field(False, description="Raise on a corrupt sample or codes the model cannot score instead "
+                                            "of skipping and counting it.")
+
+
+class MusicTrainConfig(BaseTrainConfig):
+    """MusicGen preference training: DPO family with an optional SFT term, or SFT."""
+
+    task: Literal["music"] = "music"
+    model: MusicModelConfig
+    method: MusicMethodConfig = Field(default_factory=MusicMethodConfig)
+    data: MusicDataConfig
+
+    @model_validator(mode="after")
+    def _check(self) -> "MusicTrainConfig":
+        self.reference_mode()  # a reference the method or the model cannot use fails here
+        return self
+
+    def reference_mode(self) -> str:
+        """The reference this run uses: lora, copy, precomputed or none (`resolve_reference`)."""
+        return resolve_reference(self.model.reference, lora=self.model.lora is not None,
+                                 needs_reference=METHODS[self.method.name].needs_reference)
+
+
+class MusicTask(Task):
+    config_class = MusicTrainConfig
+    progress_metrics = ("rewards/accuracies",)
+
+    def check_inputs(self) -> None:
+        from mmalign.data.manifest import load_manifest
+
+        manifest = load_manifest(self.cfg.data.shards)
+        if manifest.schema_name != "music_pair":
+            raise ValueError(f"data.shards {self.cfg.data.shards}: schema {manifest.schema_name!r}; the music task "
+                             "reads music_pair shards")
+
+    def _load(self, device, reference: str, lora: bool = True) -> MusicAdapter:
+        m = self.cfg.model
+        return load_music(m.pretrained, revision=m.revision, dtype=m.dtype, max_frames=m.max_frames,
+                          reference=reference, lora=m.lora.model_dump() if m.lora is not None and lora else None,
+                          no_dropout=m.disable_dropout, device=device)
+
+    def build(self, device) -> Built:
+        self.adapter = self._load(device, self.cfg.reference_mode())
+        model = self.adapter.model
+        if self.cfg.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        return Built(module=model, params=[p for p in model.parameters() if p.requires_grad], model=self.adapter)
+
+    def batches(self, rank: int, world_size: int, skip: int) -> Iterator[dict]:
+        from mmalign.data.collate import collate_music_pairs
+        from mmalign.train.data import endless_batches
+
+        d, a = self.cfg.data, self.adapter
+        caches = {REF_CACHE_NAME: a.producer()} if a.reference == "precomputed" else None
+        dataset = CheckedMusicPairDataset(d.shards, num_codebooks=a.num_codebooks, vocab_size=a.vocab_size,
+                                          shuffle=d.shuffle_buffer > 0, shuffle_buffer=max(d.shuffle_buffer, 1),
+                                          seed=self.cfg.run.seed, rank=rank, world_size=world_size, strict=d.strict,
+                                          caches=caches)
+        # padding is masked out of the score; the start token keeps padded rows inside the embeddings
+        collate = partial(collate_music_pairs, pad_value=a.start_token_id)
+        yield from endless_batches(dataset, collate, self.cfg.train.batch_size, skip=skip,
+                                   num_workers=d.num_workers, what=f"data.shards {d.shards}")
+
+    def skip_reason(self, batch: dict) -> tuple[str, str] | None:
+        """A micro-batch with codes the model cannot score (the reader already skips such samples; this catches
+        batches from elsewhere) is skipped on every process and counted (`skipped/bad_codes`); strict: an
+        error."""
+        problem = self.adapter.batch_problem(batch)
+        if problem is None:
+            return None
+        if self.cfg.data.strict:  # one clear error (the CLI prints it and exits 2), not a traceback
+            raise DataError(f"data.strict: {problem}")
+        return "bad_codes", problem
+
+    @staticmethod
+    def compute_loss(cfg, model, module, unwrapped, batch: dict, generator) -> tuple[torch.Tensor, dict]:
+        """`model` is the `MusicAdapter`; `module` the (possibly wrapped) policy to run forward through. Bad codes
+        are found before this by `skip_reason`; met here (a caller without the loop) they raise `SkipBatch`
+        before any forward, or in strict mode an error."""
+        try:
+            return music_preference_loss(model, batch, cfg.method, policy=module)
+        except MusicCodesError as err:
+            if cfg.data.strict:
+                raise DataError(f"data.strict: {err}") from err
+            raise SkipBatch("bad_codes", str(err)) from err
+
+    def save_final(self, unwrapped, run_dir: Path) -> dict[str, str]:
+        from mmalign.train.checkpoint import atomic_dir
+
+        a = self.adapter
+        # A peft model saves its adapter only (PeftModel.from_pretrained(base, lora/)); a full model saves itself.
+        name = "lora" if self.cfg.model.lora is not None else "model"
+
+        def write(d: Path) -> None:
+            unwrapped.save_pretrained(str(d))
+            a.tokenizer.save_pretrained(str(d))
+            if name == "model" and a.text_encoder is not None:
+                a.text_encoder.save_pretrained(str(d / "text_encoder"))
+
+        atomic_dir(run_dir / name, write)
+        return {name: str(run_dir / name)}
+
+    def build_cache(self) -> Path:
+        """`--cache-only`: precompute the reference log-probs into the shards' cache (reference 'precomputed')."""
+        if self.cfg.model.reference != "precomputed":
+            raise ValueError("--cache-only builds the reference log-prob cache; set model.reference=precomputed")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        # The reference is the loaded weights themselves (before any LoRA): score with them, no second copy.
+        self.adapter = self._load(device, "none", lora=False)
+        self.adapter.ref_model, self.adapter.reference = self.adapter.model.eval(), "copy"
+        return precompute_reference_logps(self.adapter, self.cfg.data.shards, batch_size=self.cfg.train.batch_size)
