@@ -11,6 +11,7 @@ because the items differ.
 | text-to-image diffusion (`mmalign.t2i`) | `-err`, err = mean over C,H,W of the squared prediction error | `error` |
 | flow matching (`mmalign.flow`: SD3, Wan, toy video) | `-err`, err = mean over all non-batch dims of the squared velocity error | `error` |
 | vision-language models (`mmalign.vlm`) | summed response-token log-probs (`counts` = tokens) | `logp` |
+| music tokens (`mmalign.music`) | log-probs summed over codebooks and frames, delay pattern as `generate` (`counts`) | `logp` |
 | one denoising transition (SPO, `mmalign.t2i.spo`) | Gaussian log-density of `x_{t-1}` under the sampler's step, mean over C,H,W | `transition` |
 
 The losses never see a model and adapters hold no loss math. A new modality implements `PreferenceAdapter` and
