@@ -459,7 +459,7 @@ class FlowTask(Task):
                 kind = scorer_kind(spec.scorer)
             except ScorerError as err:
                 raise TrainingError(f"online.rewards[{i}]: {err}") from None
-            if kind == "latent" or (kind == "video" and want == "image") or (
+            if kind in ("latent", "audio") or (kind == "video" and want == "image") or (
                     kind == "image" and want == "video" and spec.scorer.partition("=")[0] in SCORERS):
                 raise TrainingError(f"online.rewards[{i}] {spec.scorer!r} scores {kind} inputs; {self.family} "
                                     f"samples are {want}s (use a {want} scorer)")

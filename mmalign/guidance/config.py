@@ -150,8 +150,8 @@ def check_rewards(cfg: GuideConfig) -> None:
             differentiable = is_differentiable(r.scorer)
         except ScorerError as err:
             raise ValueError(f"rewards[{i}]: {err}") from None
-        if kind == "video":
-            raise ValueError(f"rewards[{i}] {r.scorer!r}: a video scorer; guidance samples images")
+        if kind in ("video", "audio"):
+            raise ValueError(f"rewards[{i}] {r.scorer!r}: a {kind} scorer; guidance samples images")
         if cfg.guidance.scale != 0 and r.weight != 0 and not differentiable:
             raise ValueError(f"rewards[{i}] {r.scorer!r} is not differentiable, so gradient guidance "
                              f"(guidance.scale {cfg.guidance.scale}) cannot use it: use a differentiable scorer "

@@ -20,7 +20,8 @@ from mmalign.rewards.base import ScorerError
 
 @dataclass
 class RewardTerm:
-    """One reward: a `Scorer` on images in [0, 1] (`latent` False) or a noisy-latent reward model (`latent`)."""
+    """One reward: a `Scorer` (`latent` False: on images in [0, 1], or on audio for an audio scorer) or a noisy-latent
+    reward model (`latent`)."""
 
     spec: str
     name: str
@@ -35,10 +36,13 @@ class RewardTerm:
         return [self.name] if self.dims is None else [f"{self.name}/{d}" for d in self.dims]
 
     def raw(self, prompts: list[str], images: Tensor | None = None, latents: Tensor | None = None,
-            t: Tensor | None = None) -> Tensor:
-        """(N, D) scores: of `images` (N, 3, H, W) in [0, 1], or of `latents` at noise levels `t` (N,)."""
+            t: Tensor | None = None, audio=None, sample_rate: int | None = None) -> Tensor:
+        """(N, D) scores: of `images` (N, 3, H, W) in [0, 1], of `latents` at noise levels `t` (N,), or of `audio`
+        at `sample_rate` Hz (an audio scorer: `mmalign.rewards.audio`)."""
         if self.latent:
             out = self.model(latents, t, prompts)
+        elif audio is not None:
+            out = self.model.score(audio, prompts, sample_rate=sample_rate)
         else:
             out = self.model.score(images, prompts)
         return out.reshape(out.shape[0], -1).float()

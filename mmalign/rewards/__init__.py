@@ -17,6 +17,7 @@ _EXPORTS = {
     "CLIPScorer": "clip", "clip_score": "clip", "pickscore": "clip", "hps": "hpsv2", "save_hps_folder": "hpsv2",
     "open_clip_to_hf_state_dict": "hpsv2", "hf_to_open_clip_state_dict": "hpsv2",
     "AestheticScorer": "laion_aesthetic", "aesthetic": "laion_aesthetic", "ToyScorer": "toy", "FunctionScorer": "toy",
+    "ClapScorer": "clap",
     "SCORERS": "registry", "load_scorer": "registry",
     "VideoRewardModel": "video", "VideoRewardConfig": "video", "VideoScorer": "video",
     "LatentRewardModel": "latent", "build_latent_reward": "latent",

@@ -9,6 +9,9 @@
   scorer's preprocessing is done with torch ops, so gradients reach the pixels.
 `prompts` is a list of N strings, or one string for all images.
 
+Video scorers (`modality = "video"`) take videos instead; audio scorers (`modality = "audio"`) take waveforms and
+their rate, `score(audio, prompts, sample_rate=...)` (`mmalign.rewards.audio`).
+
 `score` does not switch off autograd: wrap inference in `torch.inference_mode()` (the batch scorer does).
 A scorer is an `nn.Module`; `.to(device, dtype)` moves it and inputs follow its device and dtype; scores come
 back as float32 on the scorer's device.
@@ -54,12 +57,13 @@ def check_scorer_name(name: Any, where: str = "scorer") -> str:
     return name
 
 
-def as_prompt_list(prompts: str | Sequence[str], n: int) -> list[str]:
+def as_prompt_list(prompts: str | Sequence[str], n: int, what: str = "image") -> list[str]:
+    """One prompt per input (`what`: "image", "video", "clip"): a list of n strings, or one string for all."""
     if isinstance(prompts, str):
         return [prompts] * n
     prompts = list(prompts)
     if len(prompts) != n:
-        raise ScorerError(f"got {n} images but {len(prompts)} prompts; pass one prompt per image or one string")
+        raise ScorerError(f"got {n} {what}s but {len(prompts)} prompts; pass one prompt per {what} or one string")
     for i, p in enumerate(prompts):
         if not isinstance(p, str):
             raise ScorerError(f"prompts[{i}] must be a string, got {type(p).__name__}")
@@ -140,7 +144,7 @@ class Scorer(nn.Module):
 
     name: str = "scorer"
     dims: tuple[str, ...] | None = None
-    modality: str = "image"  # what `score` takes: "image" or "video"
+    modality: str = "image"  # what `score` takes: "image", "video" or "audio" (`mmalign.rewards.audio`)
     differentiable: bool = False  # score is differentiable in a float image tensor (gradient guidance can use it)
 
     def __init__(self) -> None:

@@ -1,5 +1,6 @@
 """Scorers by name: `load_scorer("pickscore")`, `load_scorer("hps=/ckpt/HPS_v2.1_compressed.pt")`,
-`load_scorer("runs/rm/export")` (a folder with `mmalign_scorer.json`), `load_scorer("my_pkg.rewards:fn")`.
+`load_scorer("runs/rm/export")` (a folder with `mmalign_scorer.json`), `load_scorer("my_pkg.rewards:fn")`,
+`load_scorer("clap")` (audio: `laion/clap-htsat-unfused`, or `clap=FOLDER`).
 
 Spec grammar: `NAME`, `NAME=SOURCE` (a local folder / file or a hub id), `FOLDER` (an exported reward model), or
 `package.module:function`. Folders of models that do not score plain images (kind `latent`: noisy latents;
@@ -54,6 +55,12 @@ def _video(source):
     return VideoScorer.from_pretrained(source)
 
 
+def _clap(source):
+    from mmalign.rewards.clap import clap
+
+    return clap(source) if source else clap()
+
+
 def _toy(component: str) -> Callable:
     def build(source):
         from mmalign.rewards.toy import ToyScorer
@@ -75,6 +82,7 @@ def _toy_video(source):
 
 SCORERS: dict[str, Callable[[str | None], Scorer]] = {
     "clip_score": _clip_score, "pickscore": _pickscore, "hps": _hps, "aesthetic": _aesthetic, "video": _video,
+    "clap": _clap,
     "toy": _toy("all"), "toy_color": _toy("color"), "toy_color_soft": _toy("color_soft"),
     "toy_shape": _toy("shape"), "toy_position": _toy("position"), "toy_total": _toy("total"),
     "toy_brightness": _toy("brightness"), "toy_video": lambda source: _toy_video(source),
@@ -82,8 +90,8 @@ SCORERS: dict[str, Callable[[str | None], Scorer]] = {
 # Scorers whose score is differentiable in the image tensor (CLIP towers on the tensor path, the soft toy rewards):
 # what gradient guidance can use. Known by name, so a wrong choice is refused before any weights load.
 DIFFERENTIABLE = frozenset({"clip_score", "pickscore", "hps", "aesthetic", "toy_color_soft", "toy_brightness"})
-_DIFFERENTIABLE_KINDS = {"clip": True, "hps": True, "aesthetic": True, "video": False, "latent": True,
-                         "step_aware": True}
+_DIFFERENTIABLE_KINDS = {"clip": True, "hps": True, "aesthetic": True, "video": False, "clap": False,
+                         "latent": True, "step_aware": True}
 _FUNCTION = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
 
@@ -113,6 +121,11 @@ def _from_folder(folder: str) -> Scorer:
         return scorer
     if kind in ("aesthetic", "video"):
         return SCORERS[kind](folder)
+    if kind == "clap":
+        from mmalign.rewards.clap import load_clap_scorer
+
+        return load_clap_scorer(folder, name=card.get("name", "clap"), scale=card.get("scale", "cosine"),
+                                long_audio=card.get("long_audio", "windows"))
     if kind == "latent":
         raise ScorerError(f"{folder}: a noisy-latent reward model scores latents x_t at a noise level, not images; "
                           "use it for guidance (`mmalign guide`, rewards: latent=FOLDER) or load it with "
@@ -129,7 +142,7 @@ def scorer_kind(spec: str) -> str:
     """What a spec names, read without loading weights: "latent" for a noisy-latent reward model folder
     (`mmalign.rewards.latent`, used by guidance on noisy latents), "step_aware" for a step-aware preference model
     folder (`mmalign.rewards.step_aware`, scores at a noise level t; `load_scorer` refuses it), else "image" (or
-    "video" for video scorers)."""
+    "video" for video scorers, "audio" for audio scorers: clap, a user function with `fn.modality = "audio"`)."""
     from mmalign.rewards.clip import read_scorer_card
 
     name, eq, source = spec.strip().partition("=")
@@ -141,7 +154,9 @@ def scorer_kind(spec: str) -> str:
         return "step_aware"
     if name in ("video", "toy_video") or card_kind == "video":
         return "video"
-    if not eq and _FUNCTION.match(spec.strip()):  # a user function says `fn.modality = "video"`
+    if name == "clap" or card_kind == "clap":
+        return "audio"
+    if not eq and _FUNCTION.match(spec.strip()):  # a user function says `fn.modality = "video"` (or "audio")
         from mmalign.rewards.toy import load_function
 
         return load_function(spec.strip()).modality

@@ -262,8 +262,9 @@ def score_shards(source: str | os.PathLike | list, out_dir: str | os.PathLike, s
     wanted = "video" if src.schema == "video_pair" else "image"
     wrong = [s.name for s in built if s.modality != wanted]
     if wrong:
+        kinds = sorted({s.modality for s in built if s.modality != wanted})
         raise ScoreError(f"{src.description} holds {src.schema!r} samples: score them with {wanted} scorers; "
-                         f"{wrong} score {'images' if wanted == 'video' else 'videos'}")
+                         f"{wrong} score {' and '.join(k if k == 'audio' else k + 's' for k in kinds)}")
     out = Path(out_dir)
     for s, spec in zip(built, specs):
         _prepare_scorer_dir(out, s, spec)

@@ -102,3 +102,63 @@ def build_tiny_aesthetic(out_dir: str | os.PathLike, seed: int = 0) -> tuple[Pat
     mlp = AestheticMLP(cfg["embed_dim"], hidden=(1024, 128, 64, 16))
     torch.save(mlp.state_dict(), out / "mlp.pth")
     return out / "mlp.pth", out / "clip"
+
+
+# Words of the tiny CLAP tokenizer's vocabulary (music and sound captions); other words map to <unk>.
+CLAP_WORDS = ("a", "an", "the", "with", "and", "of", "in", "on", "melody", "tune", "song", "music", "track", "beat",
+              "piano", "guitar", "violin", "flute", "cello", "drums", "synth", "organ", "ascending", "descending",
+              "repeating", "alternating", "calm", "bright", "dark", "loud", "soft", "slow", "fast", "low", "high",
+              "sound", "dog", "barking", "rain", "speech", "silence", "noise")
+
+
+def tiny_clap_tokenizer(words=CLAP_WORDS, model_max_length: int = 32):
+    """A RoBERTa-style word-level `PreTrainedTokenizerFast` (`<s>` 0, `<pad>` 1, `</s>` 2, `<unk>` 3 as CLAP's
+    RoBERTa tokenizer; `<s> words </s>`, lower-cased). Built in memory."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(("<s>", "<pad>", "</s>", "<unk>"))}
+    for w in words:
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
+                                                       special_tokens=[("<s>", 0), ("</s>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", pad_token="<pad>", eos_token="</s>",
+                                   unk_token="<unk>", model_max_length=model_max_length, padding_side="right")
+
+
+def build_tiny_clap_model(seed: int = 0, fusion: bool = False, projection_dim: int = 16):
+    """(model, tokenizer): a randomly initialised tiny `ClapModel` (HTSAT audio tower of 2 stages on 16 mel bins,
+    one-layer RoBERTa text tower) in eval mode, and its tokenizer."""
+    from transformers import ClapAudioConfig, ClapConfig, ClapModel, ClapTextConfig
+
+    tok = tiny_clap_tokenizer()
+    audio = ClapAudioConfig(window_size=4, num_mel_bins=16, spec_size=64, freq_ratio=2, patch_size=2, patch_stride=2,
+                            patch_embeds_hidden_size=16, hidden_size=32, depths=[1, 1], num_attention_heads=[2, 2],
+                            num_hidden_layers=2, projection_dim=projection_dim, hidden_dropout_prob=0.0,
+                            attention_probs_dropout_prob=0.0, enable_fusion=fusion,
+                            fusion_type="aff_2d" if fusion else None)
+    text = ClapTextConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                          intermediate_size=32, max_position_embeddings=tok.model_max_length + 2,
+                          projection_dim=projection_dim, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    config = ClapConfig(text_config=text.to_dict(), audio_config=audio.to_dict(), projection_dim=projection_dim)
+    torch.manual_seed(seed)
+    return ClapModel(config).eval(), tok
+
+
+def build_tiny_clap(out_dir: str | os.PathLike, seed: int = 0, fusion: bool = False, max_length_s: int = 1) -> Path:
+    """A `ClapModel` folder as on the hub (`laion/clap-htsat-unfused`'s files): weights, config, tokenizer and a
+    `ClapFeatureExtractor` at LAION's 48 kHz (hop 480, FFT 1024, 50 Hz - 14 kHz) with 16 mel bins and windows of
+    `max_length_s` seconds (LAION: 10)."""
+    from transformers import ClapFeatureExtractor
+
+    out = Path(out_dir)
+    model, tok = build_tiny_clap_model(seed, fusion=fusion)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    ClapFeatureExtractor(feature_size=16, sampling_rate=48000, hop_length=480, fft_window_size=1024,
+                         max_length_s=max_length_s, frequency_min=50, frequency_max=14000, padding="repeatpad",
+                         truncation="fusion" if fusion else "rand_trunc").save_pretrained(out)
+    return out

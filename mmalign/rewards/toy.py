@@ -128,6 +128,12 @@ class FunctionScorer(Scorer):
     `fn.differentiable = True` when its output is differentiable in the tensor (gradient guidance may use it).
     A video reward sets `fn.modality = "video"`: it gets the videos as given (float (N, T, 3, H, W) in [0, 1] from
     the samplers), unchecked.
+
+    An audio reward (an audio-quality scorer, say) sets `fn.modality = "audio"`: the scorer is then called
+    `score(audio, prompts, sample_rate=...)` like CLAP, and the function `fn(clips, prompts, sample_rate)` with the
+    clips as a list of mono float32 NumPy arrays (samples,) (`mmalign.rewards.audio.split_audio`: channels
+    averaged, empty or non-finite clips refused) and their rate in Hz. With `fn.sample_rate = R` the clips are
+    resampled to R Hz first (`mmalign.rewards.audio.resample`) and the function gets `sample_rate=R`.
     """
 
     def __init__(self, fn: Callable, name: str):
@@ -139,17 +145,51 @@ class FunctionScorer(Scorer):
         self.version = _source_version("fn", fn)
         self.differentiable = bool(getattr(fn, "differentiable", False))
         self.modality = getattr(fn, "modality", "image")
-        if self.modality not in ("image", "video"):
-            raise ScorerError(f"user scorer {name!r}: modality must be 'image' or 'video', got {self.modality!r}")
+        if self.modality not in ("image", "video", "audio"):
+            raise ScorerError(f"user scorer {name!r}: modality must be 'image', 'video' or 'audio', got "
+                              f"{self.modality!r}")
+        self.sample_rate = getattr(fn, "sample_rate", None)
+        if self.sample_rate is not None:
+            from mmalign.rewards.audio import check_sample_rate
 
-    def score(self, images, prompts) -> torch.Tensor:
+            if self.modality != "audio":
+                raise ScorerError(f"user scorer {name!r}: fn.sample_rate is for audio scorers (fn.modality = "
+                                  f"'audio'), this one is {self.modality!r}")
+            self.sample_rate = check_sample_rate(self.sample_rate, f"user scorer {name!r}: fn.sample_rate")
+
+    def score(self, images, prompts, *, sample_rate=None) -> torch.Tensor:
+        if self.modality == "audio":
+            return self._score_audio(images, prompts, sample_rate)
+        if sample_rate is not None:
+            raise ScorerError(f"scorer {self.name!r} scores {self.modality}s; sample_rate is for audio scorers")
         if self.modality == "image":
             return super().score(images, prompts)
         from mmalign.rewards.base import as_prompt_list
 
         n = len(images)
-        out = self._score("video", images, as_prompt_list(prompts, n)).float()
+        out = self._score("video", images, as_prompt_list(prompts, n, what="video")).float()
         expected = (n,) if self.dims is None else (n, len(self.dims))
+        if tuple(out.shape) != expected:
+            raise ScorerError(f"scorer {self.name!r} returned shape {tuple(out.shape)}, expected {expected}")
+        return out
+
+    def _score_audio(self, audio, prompts, sample_rate) -> torch.Tensor:
+        from mmalign.rewards.audio import check_sample_rate, resample, split_audio
+        from mmalign.rewards.base import as_prompt_list
+
+        if sample_rate is None:
+            raise ScorerError(f"scorer {self.name!r}: sample_rate is required (the rate, in Hz, of the audio given)")
+        rate = check_sample_rate(sample_rate)
+        clips = split_audio(audio)
+        prompts = as_prompt_list(prompts, len(clips), what="clip")
+        if self.sample_rate is not None and self.sample_rate != rate:
+            clips = [resample(c, rate, self.sample_rate).astype(np.float32) for c in clips]
+            rate = self.sample_rate
+        out = self.fn(clips, prompts, rate)
+        if not isinstance(out, torch.Tensor):
+            out = torch.as_tensor(np.asarray(out, dtype=np.float32))
+        out = out.to(self.device).float()
+        expected = (len(clips),) if self.dims is None else (len(clips), len(self.dims))
         if tuple(out.shape) != expected:
             raise ScorerError(f"scorer {self.name!r} returned shape {tuple(out.shape)}, expected {expected}")
         return out

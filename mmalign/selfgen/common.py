@@ -15,3 +15,11 @@ def chunked(items: Iterable, n: int) -> Iterator[list]:
             batch = []
     if batch:
         yield batch
+
+
+def sample_seed(seed: int, prompt_index: int, sample_index: int) -> int:
+    """The seed of sample `sample_index` of prompt `prompt_index` in a run seeded `seed` (`selfgen ranked`,
+    `selfgen music`): one stream per (prompt, sample), whatever the batching or the point a run resumed from."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, prompt_index, sample_index]).generate_state(1)[0])

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
+from mmalign.selfgen.common import sample_seed
+
 STAGING = ".staging"
 
 
@@ -83,10 +85,7 @@ class DiffusersGenerator:
         return list(out.images)
 
 
-def image_seed(seed: int, prompt_index: int, image_index: int) -> int:
-    import numpy as np
-
-    return int(np.random.SeedSequence([seed, prompt_index, image_index]).generate_state(1)[0])
+image_seed = sample_seed  # the seed of image j of prompt i
 
 
 def z_normalize(raw: dict[str, list[list[float]]]) -> tuple[list[list[float]], dict[str, dict[str, float]]]:
