@@ -15,6 +15,9 @@ BENCH_COMMANDS: dict[str, tuple[str, str]] = {
     "toy-video": ("mmalign.flow.proof",
                   "Flow-DPO, Flow-RWR and SFT (offline pairs and online) on the video toy world over several seeds: "
                   "per-dimension gains, win rates and drift from the base"),
+    "toy-music": ("mmalign.music.proof",
+                  "DPO and SFT (the control) on the token-music toy world over several seeds: pattern adherence and "
+                  "quality gains, win rates and drift from the base at equal seeds"),
 }
 
 

@@ -51,24 +51,30 @@ def _text_config(vocab_size: int, width: int, layers: int, heads: int):
                     num_heads=heads, dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
 
 
-def _decoder_config(vocab_size: int, num_codebooks: int, width: int, layers: int, heads: int):
+def _decoder_config(vocab_size: int, num_codebooks: int, width: int, layers: int, heads: int,
+                    ffn_dim: int | None = None):
     from transformers import MusicgenDecoderConfig
 
     special = vocab_size  # pad = BOS = decoder start, outside the codebook vocabulary (as musicgen-small's 2048)
     return MusicgenDecoderConfig(vocab_size=vocab_size, num_codebooks=num_codebooks, hidden_size=width,
-                                 ffn_dim=2 * width, num_hidden_layers=layers, num_attention_heads=heads,
+                                 ffn_dim=ffn_dim or 2 * width, num_hidden_layers=layers, num_attention_heads=heads,
                                  max_position_embeddings=512, dropout=0.0, attention_dropout=0.0,
                                  activation_dropout=0.0, pad_token_id=special, bos_token_id=special,
                                  decoder_start_token_id=special, audio_channels=1, tie_word_embeddings=False)
 
 
 def tiny_musicgen(vocab_size: int = 64, num_codebooks: int = 4, width: int = 32, layers: int = 2, heads: int = 4,
-                  seed: int = 0, words: Iterable[str] = MUSIC_WORDS):
+                  seed: int = 0, words: Iterable[str] = MUSIC_WORDS, ffn_dim: int | None = None,
+                  text_width: int | None = None, text_layers: int | None = None):
     """(model, tokenizer): a tiny `MusicgenForConditionalGeneration` in eval mode and its word tokenizer.
 
-    The EnCodec codec runs at 8 kHz with a hop of 160 samples: 50 frames per second as musicgen's 32 kHz / 640, and
-    a bandwidth giving exactly `num_codebooks` codebooks of `vocab_size` codes. Dropout is 0 (a real checkpoint's
-    decoder has 0.1; `load_music(disable_dropout=True)` turns it off for preference training)."""
+    `width`, `layers`, `heads`, `ffn_dim` (default 2 x width) size the decoder; the T5 text encoder has `text_width`
+    and `text_layers` (default: the decoder's) with the same number of heads. A text encoder narrower than the
+    decoder is followed by MusicGen's own `enc_to_dec_proj` (a linear map to the decoder's width, part of the
+    composite model, as in the musicgen checkpoints, whose T5 is 768 wide). The EnCodec codec runs at 8 kHz with a
+    hop of 160 samples: 50 frames per second as musicgen's 32 kHz / 640, and a bandwidth giving exactly
+    `num_codebooks` codebooks of `vocab_size` codes. Dropout is 0 (a real checkpoint's decoder has 0.1;
+    `load_music(disable_dropout=True)` turns it off for preference training)."""
     from transformers import EncodecConfig, MusicgenConfig, MusicgenForConditionalGeneration
 
     tokenizer = word_tokenizer(words)
@@ -77,10 +83,16 @@ def tiny_musicgen(vocab_size: int = 64, num_codebooks: int = 4, width: int = 32,
                           hidden_size=16, num_residual_layers=1, num_lstm_layers=1, codebook_size=vocab_size,
                           codebook_dim=16, target_bandwidths=[50 * nbits * num_codebooks / 1000], compress=1,
                           normalize=False)
-    config = MusicgenConfig(text_encoder=_text_config(len(tokenizer), width, layers, heads), audio_encoder=audio,
-                            decoder=_decoder_config(vocab_size, num_codebooks, width, layers, heads))
+    config = MusicgenConfig(text_encoder=_text_config(len(tokenizer), text_width or width, text_layers or layers,
+                                                      heads),
+                            audio_encoder=audio,
+                            decoder=_decoder_config(vocab_size, num_codebooks, width, layers, heads, ffn_dim))
     torch.manual_seed(seed)
     model = MusicgenForConditionalGeneration(config).eval()
+    with torch.no_grad():  # EnCodec's codebooks are buffers left at zero until k-means: every code would decode alike
+        for layer in model.audio_encoder.quantizer.layers:
+            layer.codebook.embed.normal_()
+            layer.codebook.embed_avg.copy_(layer.codebook.embed)
     _generation_defaults(model.generation_config, vocab_size)
     return model, tokenizer
 
