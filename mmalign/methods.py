@@ -10,6 +10,7 @@ method means the same on every modality and logs the same names:
 | `rankdpo` | ranked lists | yes | error | `ranked_dpo_loss` |
 | `flow_dpo` | pairs | yes | error | `flow_dpo_loss` (Flow-DPO: Diffusion-DPO on velocity errors, `beta_schedule` constant or (1-t)^2) |
 | `flow_rwr` | items with rewards | no | error | `rwr_loss` (Flow-RWR: errors weighted by `softmax(r / τ)` over the batch) |
+| `rwr` | items with rewards | no | logp | `rwr_loss` (RWR: NLLs weighted by `softmax(r / τ)` over the batch) |
 | `spo` | step pairs (two next states of one x_t) | yes | transition | `spo_step_loss` (SPO: DPO on one transition's log-ratios, each clipped to [1-ε, 1+ε]) |
 | `sft` | winners | no | error, logp | mean error of the winners / their negative log-likelihood |
 
@@ -30,6 +31,7 @@ Metric names (TRL's, the same for every modality; `loss` is added by the loop):
   `mse/ref`;
 - flow_dpo: dpo's names and `beta/effective` (the mean per-pair β);
 - flow_rwr: `rwr/weight_max`, `rwr/ess` (effective sample size of the weights), `rewards/mean`, `mse/policy`;
+- rwr: flow_rwr's names with `nll/policy` (the unweighted mean negative log-likelihood) for `mse/policy`;
 - spo: `rewards/chosen`, `rewards/rejected`, `rewards/margins`, `rewards/accuracies` (β times the clipped log-ratios)
   and `spo/clip_fraction`, `logps/chosen`, `logps/rejected` (the policy's transition log-densities);
 - sft: `mse/policy_chosen`, `mse/policy_rejected` (error) or `logps/chosen` (logp).
@@ -69,6 +71,8 @@ METHODS: dict[str, Method] = {
     "flow_dpo": Method("flow_dpo", "pair", True, ("error",), {}),
     # RWR has no β: its temperature τ is on the scale of the rewards.
     "flow_rwr": Method("flow_rwr", "scored", False, ("error",), {}),
+    # The same regression on sequences: the NLL (summed, or a per-token mean from `Surrogates.per_token`).
+    "rwr": Method("rwr", "scored", False, ("logp",), {}),
     # SPO's 10 assumes transition log-densities averaged over the latent's elements (the published sampler's).
     "spo": Method("spo", "step_pair", True, ("transition",), {"transition": 10.0}),
     "sft": Method("sft", "pair", False, ("error", "logp"), {"error": 1.0, "logp": 1.0}),
@@ -126,7 +130,7 @@ def preference_loss(name: str, s: Surrogates, *, beta: float, loss_type: str = "
     beta: the method's β on the scale of `s` (see `METHODS[name].default_beta`).
     scores: (B, K) preference scores of ranked lists (rankdpo; higher = preferred).
     beta_schedule: flow_dpo's per-pair β (`mmalign.losses.FLOW_BETA_SCHEDULES`), from the surrogates' flow time t.
-    rewards, temperature: flow_rwr's (K, B) reward of every item (weighted over its dimensions) and τ.
+    rewards, temperature: flow_rwr's and rwr's (K, B) reward of every item (weighted over its dimensions) and τ.
     clip_eps: spo's ratio clip ε.
     """
     method = check_method(name, s.kind, loss_type, label_smoothing)
@@ -150,6 +154,12 @@ def preference_loss(name: str, s: Surrogates, *, beta: float, loss_type: str = "
         if rewards is None:
             raise ValueError("method 'flow_rwr' needs the (K, B) reward of every item")
         return rwr_loss(s.errors.reshape(-1), rewards.to(s.policy.device).reshape(-1), temperature)
+    if name == "rwr":
+        if rewards is None:
+            raise ValueError("method 'rwr' needs the (K, B) reward of every item")
+        loss, metrics = rwr_loss(-s.policy.reshape(-1), rewards.to(s.policy.device).reshape(-1), temperature)
+        metrics["nll/policy"] = metrics.pop("mse/policy")
+        return loss, metrics
     if name == "mapo":
         if s.num_train_timesteps is None:
             raise ValueError("method 'mapo' needs the noise scheduler's num_train_timesteps in the surrogates")

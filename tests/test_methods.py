@@ -93,7 +93,7 @@ def test_at_policy_equals_reference_every_dpo_type_starts_where_its_formula_says
     ("mapo", "error", "ipo", 0.0, "selects a DPO variant; method 'mapo' has none"),
     ("dpo", "logp", "hinge", 0.1, "label_smoothing 0.1: only method 'dpo' with loss_type sigmoid or robust"),
     ("sft", "error", "sigmoid", 0.1, "label_smoothing 0.1"),
-    ("orpo", "logp", "sigmoid", 0.0, "valid methods are dpo, mapo, rankdpo, flow_dpo, flow_rwr, spo, sft"),
+    ("orpo", "logp", "sigmoid", 0.0, "valid methods are dpo, mapo, rankdpo, flow_dpo, flow_rwr, rwr, spo, sft"),
 ])
 def test_what_a_method_cannot_do_is_refused_naming_the_key(name, kind, loss_type, smoothing, match):
     with pytest.raises(ValueError, match=match):
@@ -102,17 +102,19 @@ def test_what_a_method_cannot_do_is_refused_naming_the_key(name, kind, loss_type
 
 def test_methods_that_need_a_reference_refuse_surrogates_without_one():
     s = _errors()
-    no_ref = Surrogates(s.policy, None, "error", num_train_timesteps=1000)
     for name, spec in METHODS.items():
         if spec.needs_reference:
             kind = spec.kinds[0]  # spo is defined on transition log-densities only
             with pytest.raises(ValueError, match="needs reference surrogates"):
                 preference_loss(name, Surrogates(s.policy, None, kind, num_train_timesteps=1000), beta=1.0,
                                 scores=torch.zeros(6, 2))
-        else:  # mapo, flow_rwr and sft need none: the same values as with a reference present
+        else:  # mapo, flow_rwr, rwr and sft need none: the same values as with a reference present
             extra = {"rewards": torch.arange(s.policy.numel(), dtype=torch.float32).view(s.policy.shape)}
-            loss, _ = preference_loss(name, no_ref, beta=0.1, **extra)
-            with_ref, _ = preference_loss(name, s, beta=0.1, **extra)
+            kind = spec.kinds[0]  # rwr is defined on log-probs only
+            loss, _ = preference_loss(name, Surrogates(s.policy, None, kind, num_train_timesteps=1000), beta=0.1,
+                                      **extra)
+            with_ref, _ = preference_loss(name, Surrogates(s.policy, s.reference, kind, num_train_timesteps=1000),
+                                          beta=0.1, **extra)
             assert loss.item() == with_ref.item()
 
 
@@ -173,6 +175,24 @@ def test_flow_rwr_weights_every_item_by_the_softmax_of_its_reward():
                                                       rel=1e-6)
     with pytest.raises(ValueError, match="needs the \\(K, B\\) reward of every item"):
         preference_loss("flow_rwr", Surrogates(-err, None, "error"), beta=1.0)
+
+
+def test_rwr_weights_each_items_negative_log_likelihood_by_the_softmax_of_its_reward():
+    logp = torch.tensor([[-3.0, -5.0, -2.0], [-4.0, -1.0, -6.0]], dtype=torch.float64)  # (K=2, B=3)
+    rewards = torch.tensor([[0.9, 0.1, 0.5], [0.2, 0.7, 0.0]], dtype=torch.float64)
+    loss, metrics = preference_loss("rwr", Surrogates(logp, None, "logp"), beta=1.0, rewards=rewards,
+                                    temperature=0.25)
+    e = [math.exp(r / 0.25) for r in rewards.flatten().tolist()]
+    p = [x / sum(e) for x in e]
+    want = sum(6 * pi * -lp for pi, lp in zip(p, logp.flatten().tolist())) / 6  # weights 6·p average 1
+    assert loss.item() == pytest.approx(want, rel=1e-12)
+    assert metrics["nll/policy"].item() == pytest.approx(21 / 6) and "mse/policy" not in metrics
+    assert metrics["rwr/ess"].item() == pytest.approx(1 / sum(q * q for q in p), rel=1e-12)
+    assert metrics["rewards/mean"].item() == pytest.approx(2.4 / 6)
+    with pytest.raises(ValueError, match="needs the \\(K, B\\) reward of every item"):
+        preference_loss("rwr", Surrogates(logp, None, "logp"), beta=1.0)
+    with pytest.raises(ValueError, match=r"surrogates \(error\); valid here: .*flow_rwr, sft$"):
+        preference_loss("rwr", Surrogates(logp, None, "error"), beta=1.0, rewards=rewards)
 
 
 def test_spo_in_the_method_table_is_spo_step_loss_on_transition_surrogates():

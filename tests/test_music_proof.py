@@ -59,10 +59,22 @@ def test_bench_toy_music_runs_every_stage_and_reuses_finished_ones(base, tmp_pat
     rejected = ground_truth(np.stack([s["rejected_codes"].numpy() for s in samples]), prompts)["pattern"]
     assert data["chosen_pattern"] == pytest.approx(chosen.mean())
     assert data["annotator_agrees_with_truth"] == pytest.approx((chosen > rejected).mean())
-    assert "no music model kind" in report["data"]["reward_model"]["skipped"]
+    # the learned reward model: trained on the annotator pairs, its accuracy measured on held-out annotator pairs
+    rm, heldout = report["data"]["reward_model"], report["data"]["heldout"]
+    assert "skipped" not in rm and rm["heldout_pairs"] == heldout["pairs_written"] > 0
+    assert load_manifest(out / "data" / "heldout_pairs").num_samples == rm["heldout_pairs"]
+    assert 0 <= rm["heldout_accuracy"] <= 1 and (rm["heldout_accuracy"] * rm["heldout_pairs"] * 2) % 1 == 0
+    from mmalign.rewards.registry import load_scorer
+
+    held = list(MusicPairDataset(str(out / "data" / "heldout_pairs"), shuffle=False, rank=0, world_size=1))
+    scorer = load_scorer(rm["model"])
+    with torch.no_grad():
+        r_w = scorer.score(torch.stack([s["chosen_codes"] for s in held]), [s["prompt"] for s in held])
+        r_l = scorer.score(torch.stack([s["rejected_codes"] for s in held]), [s["prompt"] for s in held])
+    assert rm["heldout_accuracy"] == pytest.approx(float(((r_w > r_l).double() + 0.5 * (r_w == r_l).double()).mean()))
 
     table = (out / "bench.md").read_text()
-    assert "| dpo |" in table and "| sft |" in table and "Learned reward model: skipped" in table
+    assert "| dpo |" in table and "| sft |" in table and "Learned reward model: held-out pairwise accuracy" in table
     # a second call reuses every finished stage; other settings over the same folder are refused
     stamps = [(out / p).stat().st_mtime_ns for p in ("runs/dpo-seed0/eval.json", "eval/base_codes.npy",
                                                       "data/data.json")]

@@ -9,9 +9,12 @@
    oriented by the annotator's own label of those two. A "same" there (all samples tied on the pattern, or the two
    within the annotator's tie margin) drops the prompt's pair and is counted. Written as `music_pair` shards with
    the ground-truth scores beside the labels.
-2. A learned reward model on the same annotator pairs: the reward task (`task: reward`) has no music model kind
-   (its kinds are image, video and noisy-latent models), so this stage is skipped and the report says so
-   (`reward_model.skipped`).
+2. A learned reward model on the same annotator pairs: the reward task (`task: reward`, `model.kind: music`,
+   `REWARD_RECIPE`, through the task registry) trains a Bradley-Terry music reward model on them, and its pairwise
+   accuracy is measured on a held-out labelled set: the annotator's best vs worst of S base samples for each of the
+   `--eval-prompts` held-out (prompt, seed) pairs, written like the training pairs (`data/heldout_pairs`). Reported
+   as `data.reward_model` (`heldout_accuracy`, the fraction of held-out pairs whose annotator-chosen side gets the
+   higher reward; chance is 0.5). A reward task without the music kind skips the stage (`reward_model.skipped`).
 3. Each condition trains a LoRA on the base's decoder blocks with `task: music`, changing only what the condition
    names: `dpo` (sigmoid, β below) or `sft` (the chosen codes' per-code NLL, no reference: the control that
    imitates the annotator's winners without their losers).
@@ -106,6 +109,19 @@ def run(args: argparse.Namespace) -> int:
     print("\n" + report["table"])
     print(f"\n{Path(args.out) / 'bench.md'}")
     return 0
+
+
+# The learned reward model's recipe (`task: reward`, kind music): the codebook size and K come from the base.
+REWARD_RECIPE = {
+    "task": "reward",
+    "run": {"seed": 0, "overwrite": True},
+    "model": {"kind": "music", "name": "toy_music_reward",
+              "music": {"width": 64, "layers": 2, "heads": 4, "max_frames": 64}},
+    "method": {"loss": "bt"},
+    "data": {"shuffle_buffer": 1000},
+    "optim": {"lr": 1e-3, "weight_decay": 0.0, "lr_warmup_steps": 0},
+    "train": {"max_steps": 300, "batch_size": 16, "checkpoint_every": 0, "log_every": 10},
+}
 
 
 # -- generation and evaluation -------------------------------------------------------------------------------------
@@ -216,16 +232,17 @@ def best_and_worst(rewards: dict[str, np.ndarray], rng: np.random.Generator | in
     return best, worst, pair_labels
 
 
-def write_pairs(out: Path, adapter, n_prompts: int, samples: int, batch: int, seed: int, progress: bool) -> dict:
-    """S samples per training prompt from the base, the annotator's best vs worst as music_pair shards in `out`."""
+def write_pairs(out: Path, adapter, n_prompts: int, samples: int, batch: int, seed: int, progress: bool,
+                split: str = "train") -> dict:
+    """S samples per prompt of `split` from the base, the annotator's best vs worst as music_pair shards in `out`."""
     from mmalign.toy.music import music_prompt_seed_pairs
     from mmalign.toy.music_annotator import write_music_pair_shards
 
-    pairs = music_prompt_seed_pairs("train", n_prompts)
+    pairs = music_prompt_seed_pairs(split, n_prompts)
     prompts = [p for p, _ in pairs]
     codes = generate_codes(adapter, [p for p in prompts for _ in range(samples)],
                            [sample_seed(s, j) for _, s in pairs for j in range(samples)], batch=batch,
-                           desc="train samples", progress=progress)
+                           desc=f"{split} samples", progress=progress)
     rewards = ground_truth(codes, [p for p in prompts for _ in range(samples)])
     grid = {d: rewards[d].reshape(n_prompts, samples) for d in DIMS}
     best, worst, labels = best_and_worst(grid, seed)
@@ -233,7 +250,7 @@ def write_pairs(out: Path, adapter, n_prompts: int, samples: int, batch: int, se
     rows = np.arange(n_prompts)
     ra, rb = {d: grid[d][rows, best] for d in DIMS}, {d: grid[d][rows, worst] for d in DIMS}
     write_music_pair_shards(out, codes[rows, best], codes[rows, worst], prompts, labels, rewards_a=ra, rewards_b=rb,
-                            key_prefix="toymusic-train",
+                            key_prefix=f"toymusic-{split}",
                             provenance={"dataset": "mmalign-toy-music", "generator": str(adapter.pretrained),
                                         "samples_per_prompt": samples}, overwrite=True)
     decided = np.array([lab["pattern"] != "same" for lab in labels])
@@ -261,8 +278,39 @@ def reward_model_support() -> str | None:
     if "music" not in kinds:
         return (f"the reward task (task: reward) has no music model kind (model.kind is one of {', '.join(kinds)}); "
                 "no learned reward model was trained on the annotator pairs")
-    return ("the reward task now lists model.kind 'music', but this bench has no reward-model recipe for it yet "
-            "(add one to mmalign.music.proof)")
+    return None
+
+
+def _num_pairs(shards: Path) -> int:
+    from mmalign.data.manifest import load_manifest
+
+    return int(load_manifest(shards).num_samples)
+
+
+def train_reward_model(out: Path, pairs: Path, heldout: Path, adapter, progress: bool = True) -> dict:
+    """`REWARD_RECIPE` on the annotator's `pairs` (the reward task, through `mmalign.train.trainer.train`), with
+    `heldout` as its validation set: {"heldout_accuracy", "heldout_pairs", "train_accuracy_last10", "steps",
+    "seconds", "model"} (the exported `MusicCodeScorer` folder)."""
+    from mmalign.train.metrics import read_metrics
+    from mmalign.train.tasks import load_train_config
+    from mmalign.train.trainer import train
+
+    recipe = copy.deepcopy(REWARD_RECIPE)
+    recipe["run"]["output_dir"] = str(out)
+    recipe["model"]["music"].update(vocab_size=int(adapter.vocab_size), num_codebooks=int(adapter.num_codebooks))
+    recipe["data"]["shards"] = str(pairs)
+    # a bench with fewer pairs than a batch (tiny test settings) trains on all of them per step
+    recipe["train"]["batch_size"] = min(recipe["train"]["batch_size"], _num_pairs(pairs))
+    recipe["validation"] = {"shards": str(heldout), "max_pairs": 100_000}
+    cfg = load_train_config(None, [], defaults=recipe, source="<toy music reward-model recipe>")
+    cfg.train.progress = progress
+    t0 = time.perf_counter()
+    result = train(cfg)
+    evaluation = json.loads(Path(result.outputs["eval"]).read_text())
+    last = [r["rewards/accuracy"] for r in read_metrics(result.run_dir) if "rewards/accuracy" in r][-10:]
+    return {"heldout_accuracy": evaluation["accuracy"], "heldout_pairs": evaluation["num_pairs"],
+            "train_accuracy_last10": float(np.mean(last)) if last else None, "steps": cfg.train.max_steps,
+            "seconds": round(time.perf_counter() - t0, 1), "model": result.outputs["reward_model"]}
 
 
 def condition_config(condition: str, out: Path, base: str, seed: int, shards: Path, overrides: list[str]):
@@ -313,7 +361,15 @@ def bench(out: Path, base: str, conditions: list[str], n_seeds: int, n_prompts: 
         info = {"train": write_pairs(data / "pairs", base_adapter, n_prompts, samples, gen_batch, 0, progress)}
         info["train"]["seconds"] = round(time.perf_counter() - t0, 1)
         skipped = reward_model_support()
-        info["reward_model"] = {"skipped": skipped} if skipped else {}
+        if skipped or info["train"]["pairs_written"] == 0:
+            info["reward_model"] = {"skipped": skipped or "no training pairs"}
+        else:
+            info["heldout"] = write_pairs(data / "heldout_pairs", base_adapter, n_eval, samples, gen_batch, 1,
+                                          progress, split="heldout")
+            info["reward_model"] = ({"skipped": "the annotator tied every held-out pair"}
+                                    if info["heldout"]["pairs_written"] == 0 else
+                                    train_reward_model(data / "reward_model", data / "pairs", data / "heldout_pairs",
+                                                       base_adapter, progress))
         info_path.write_text(json.dumps(info, indent=2) + "\n")
     if info["train"]["pairs_written"] == 0:
         raise SystemExit(f"{data / 'pairs'}: the annotator tied every prompt's best and worst samples, no pair to "
@@ -416,5 +472,10 @@ def markdown_table(summary: dict, base: dict, info: dict, n_seeds: int, n_eval: 
                  f"{t['chosen_pattern']:.3f}, rejected {t['rejected_pattern']:.3f})." if agree is not None else "."),
               "",
               "Learned reward model: " + (f"skipped: {rm['skipped']}." if rm.get("skipped") else
-                                          f"held-out pairwise accuracy {rm.get('heldout_accuracy')}.")]
+                                          f"held-out pairwise accuracy {rm['heldout_accuracy']:.3f} on "
+                                          f"{rm['heldout_pairs']} annotator pairs of held-out prompts (chance 0.5; "
+                                          f"the annotator's chosen side has the higher true pattern in "
+                                          f"{info['heldout']['annotator_agrees_with_truth']:.1%} of them), "
+                                          f"trained {rm['steps']} steps on the training pairs (task: reward, "
+                                          "model.kind music).")]
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""The music training task (`task: music`): preference (DPO family) or SFT training of a MusicGen-class model on
+"""The music training task (`task: music`): preference (DPO family), SFT or RWR training of a MusicGen-class model on
 `music_pair` shards, driven by the one training loop (`mmalign.train.trainer`).
 
 The task is thin: `build` loads the model through `mmalign.music.adapter.load_music` (LoRA on the decoder blocks or
@@ -18,10 +18,20 @@ as generation applies it); the loss is `mmalign.losses.dpo_loss` on them through
 sums for the others); `mean` uses per-token means with any type (length-normalised variants); `sum` with `ipo` is
 refused. `sft_weight` adds the chosen codes' NLL (`sft_reduction`: summed or per-token mean). `name: sft` is the
 SFT-only control: the chosen codes' NLL alone (no reference, no rejected codes).
+
+`name: rwr` is reward-weighted regression (the method table's `rwr`): both sides of every pair are items, each with
+its stored reward R, and the loss is `mean(w · NLL)` with `w = 2B · softmax(R / temperature)` over the 2B items of
+the micro-batch (`mmalign.losses.rwr_loss`; NLL per `sft_reduction`); no reference. R is read from each sample's
+json (`stored_rewards`): by default the field `reward` {"chosen": R, "rejected": R} that `mmalign selfgen music`
+writes (its weighted sum over the scorers); with `reward_weights` {column: weight}, R = Σ weight · score over the
+per-column scores, read from `scores` {"chosen": {...}, "rejected": {...}} (selfgen music) or `scores_chosen` /
+`scores_rejected` (the toy world's `write_music_pair_shards`). Shards without them are an error naming the field and
+the sample at the first micro-batch, before any forward pass.
 """
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from pathlib import Path
 from typing import Any, Iterator, Literal, Optional
@@ -42,8 +52,9 @@ from mmalign.train.trainer import DataError
 
 
 class MusicMethodConfig(StrictModel):
-    name: Literal["dpo", "sft"] = Field("dpo", description="dpo = DPO family on the codes' log-probs (+ optional "
-                                                           "SFT term); sft = the chosen codes' NLL only.")
+    name: Literal["dpo", "sft", "rwr"] = Field(
+        "dpo", description="dpo = DPO family on the codes' log-probs (+ optional SFT term); sft = the chosen codes' "
+                           "NLL only; rwr = both sides' NLL weighted by softmax(reward / temperature).")
     beta: float = Field(0.1, gt=0, description="KL strength on summed code log-probs (the method table's logp "
                                                "default, TRL's 0.1).")
     loss_type: str = Field("sigmoid", description=f"DPO variant (TRL's names), one of {', '.join(DPO_LOSS_TYPES)}.")
@@ -56,14 +67,98 @@ class MusicMethodConfig(StrictModel):
     sft_weight: float = Field(0.0, ge=0.0, description="Weight of the chosen codes' NLL added to the DPO loss; 0 = "
                                                        "pure DPO.")
     sft_reduction: Literal["sum", "mean"] = Field("mean", description="NLL per sample of the SFT term and of "
-                                                                      "method sft: summed over the codes or "
-                                                                      "their per-token mean.")
+                                                                      "methods sft and rwr: summed over the codes "
+                                                                      "or their per-token mean.")
+    temperature: float = Field(1.0, gt=0, description="rwr's τ, on the scale of the rewards (small = nearly "
+                                                      "best-of-batch, large = SFT on both sides).")
+    reward_weights: Optional[dict[str, float]] = Field(
+        None, description="rwr: null = each side's stored weighted reward (json `reward`, written by selfgen "
+                          "music); {column: weight} = Σ weight · score over the stored per-column scores (json "
+                          "`scores` or `scores_chosen` / `scores_rejected`).")
 
     @model_validator(mode="after")
     def _check(self) -> "MusicMethodConfig":
         check_method(self.name, "logp", self.loss_type, self.label_smoothing, where="method")
         sequence_surrogate(self.loss_type, self.surrogate)
+        if self.reward_weights is not None and self.name != "rwr":
+            raise ValueError(f"method.reward_weights is read by method 'rwr' only (got method {self.name!r})")
+        if self.reward_weights is not None and not self.reward_weights:
+            raise ValueError("method.reward_weights is empty: give {column: weight} or null for the stored reward")
         return self
+
+
+def stored_rewards(meta: Any, weights: Optional[dict[str, float]] = None) -> tuple[float, float]:
+    """(chosen, rejected) rewards of one `music_pair` sample from its json `meta`: the field `reward` {"chosen": R,
+    "rejected": R} when `weights` is None, else Σ weight · score over the columns of `scores` {side: {column:
+    score}} or `scores_chosen` / `scores_rejected` {column: score}. `ValueError` naming the missing field or column
+    and what the sample holds."""
+    extra = dict(getattr(meta, "model_extra", None) or {})
+
+    def number(value: Any, where: str) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{where} must be a finite number, got {value!r}")
+        return float(value)
+
+    if weights is None:
+        reward = extra.get("reward")
+        if not isinstance(reward, dict) or not {"chosen", "rejected"} <= set(reward):
+            raise ValueError(f"no field `reward` {{\"chosen\": R, \"rejected\": R}} (the weighted reward `mmalign "
+                             f"selfgen music` writes); the sample's json holds {sorted(extra) or 'no extra fields'}; "
+                             "give method.reward_weights {column: weight} to combine stored per-column scores")
+        return number(reward["chosen"], "reward.chosen"), number(reward["rejected"], "reward.rejected")
+    out = []
+    for side in ("chosen", "rejected"):
+        scores, field = (extra["scores"].get(side), f"scores.{side}") if isinstance(extra.get("scores"), dict) \
+            else (extra.get(f"scores_{side}"), f"scores_{side}")
+        if not isinstance(scores, dict):
+            held = sorted(extra) or "no extra fields"
+            raise ValueError(f"no per-column scores for the {side} side (field `scores` {{\"{side}\": {{column: "
+                             f"score}}}} or `scores_{side}`); the sample's json holds {held}")
+        missing = [c for c in weights if c not in scores]
+        if missing:
+            raise ValueError(f"{field} has no column {missing[0]!r} of method.reward_weights; it holds "
+                             f"{sorted(scores)}")
+        out.append(sum(w * number(scores[c], f"{field}.{c}") for c, w in weights.items()))
+    return out[0], out[1]
+
+
+class ScoredMusicPairDataset(CheckedMusicPairDataset):
+    """`CheckedMusicPairDataset` for method rwr: each sample also holds `rewards` (chosen, rejected) from its json
+    (`stored_rewards`), or `reward_problem` (why it has none: a hard error at the batch, not a skipped sample, since
+    shards without rewards are a mismatch of data and method, not one bad sample)."""
+
+    def __init__(self, source, *, reward_weights: Optional[dict[str, float]] = None, **kwargs: Any):
+        super().__init__(source, **kwargs)
+        self.reward_weights = reward_weights
+
+    def _decode(self, raw, lay, meta, epoch):
+        out = super()._decode(raw, lay, meta, epoch)
+        try:
+            out["rewards"], out["reward_problem"] = stored_rewards(meta, self.reward_weights), None
+        except ValueError as err:
+            out["rewards"], out["reward_problem"] = (math.nan, math.nan), f"sample {raw.get('__key__')!r}: {err}"
+        return out
+
+
+def collate_scored_music_pairs(samples: list[dict[str, Any]], pad_value: int = 0) -> dict[str, Any]:
+    """`collate_music_pairs` plus `rewards` (2, B) float64 [chosen; rejected] and `reward_problems` (the
+    samples' messages, empty when every sample has its rewards)."""
+    from mmalign.data.collate import collate_music_pairs
+
+    batch = collate_music_pairs(samples, pad_value=pad_value)
+    batch["rewards"] = torch.tensor([[s["rewards"][0] for s in samples], [s["rewards"][1] for s in samples]],
+                                    dtype=torch.float64)
+    batch["reward_problems"] = [s["reward_problem"] for s in samples if s["reward_problem"] is not None]
+    return batch
+
+
+def batch_rewards(batch: dict[str, Any], shards: str = "data.shards") -> torch.Tensor:
+    """The (2, B) rewards of a `collate_scored_music_pairs` batch; `DataError` naming the first sample without."""
+    problems = batch.get("reward_problems")
+    if "rewards" not in batch or problems:
+        what = problems[0] if problems else "the batch holds no rewards (read it with ScoredMusicPairDataset)"
+        raise DataError(f"method rwr: {shards}: {what}")
+    return batch["rewards"]
 
 
 def music_preference_loss(adapter: MusicAdapter, batch: dict[str, Any], method: MusicMethodConfig,
@@ -72,9 +167,18 @@ def music_preference_loss(adapter: MusicAdapter, batch: dict[str, Any], method: 
     `policy` is the module to run forward through (a DDP-wrapped policy in the trainer; default `adapter.model`).
 
     Metrics (TRL names): rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies, logps/chosen,
-    logps/rejected, sft/nll, tokens/chosen, tokens/rejected (sft: sft/nll, logps/chosen, tokens/chosen).
+    logps/rejected, sft/nll, tokens/chosen, tokens/rejected (sft: sft/nll, logps/chosen, tokens/chosen; rwr: the
+    table's rwr/weight_max, rwr/ess, rewards/mean, nll/policy, and logps/*, tokens/*).
     """
     policy = adapter.model if policy is None else policy
+    if method.name == "rwr":
+        rewards = batch_rewards(batch)  # before any forward
+        s = adapter.surrogates(policy, batch, with_reference=False)
+        loss, metrics = preference_loss("rwr", s.per_token() if method.sft_reduction == "mean" else s, beta=1.0,
+                                        rewards=rewards, temperature=method.temperature)
+        return loss, {**metrics, "logps/chosen": s.policy[0].mean().detach(),
+                      "logps/rejected": s.policy[1].mean().detach(), "tokens/chosen": s.counts[0].float().mean(),
+                      "tokens/rejected": s.counts[1].float().mean()}
     if method.name == "sft":
         s = adapter.surrogates(policy, batch, with_reference=False, chosen_only=True)
         nll, _ = preference_loss("sft", s.per_token() if method.sft_reduction == "mean" else s, beta=1.0)
@@ -180,14 +284,18 @@ class MusicTask(Task):
         from mmalign.data.collate import collate_music_pairs
         from mmalign.train.data import endless_batches
 
-        d, a = self.cfg.data, self.adapter
+        d, a, m = self.cfg.data, self.adapter, self.cfg.method
         caches = {REF_CACHE_NAME: a.producer()} if a.reference == "precomputed" else None
-        dataset = CheckedMusicPairDataset(d.shards, num_codebooks=a.num_codebooks, vocab_size=a.vocab_size,
-                                          shuffle=d.shuffle_buffer > 0, shuffle_buffer=max(d.shuffle_buffer, 1),
-                                          seed=self.cfg.run.seed, rank=rank, world_size=world_size, strict=d.strict,
-                                          caches=caches)
+        common = dict(num_codebooks=a.num_codebooks, vocab_size=a.vocab_size, shuffle=d.shuffle_buffer > 0,
+                      shuffle_buffer=max(d.shuffle_buffer, 1), seed=self.cfg.run.seed, rank=rank,
+                      world_size=world_size, strict=d.strict, caches=caches)
+        if m.name == "rwr":
+            dataset = ScoredMusicPairDataset(d.shards, reward_weights=m.reward_weights, **common)
+            collate_fn = collate_scored_music_pairs
+        else:
+            dataset, collate_fn = CheckedMusicPairDataset(d.shards, **common), collate_music_pairs
         # padding is masked out of the score; the start token keeps padded rows inside the embeddings
-        collate = partial(collate_music_pairs, pad_value=a.start_token_id)
+        collate = partial(collate_fn, pad_value=a.start_token_id)
         yield from endless_batches(dataset, collate, self.cfg.train.batch_size, skip=skip,
                                    num_workers=d.num_workers, what=f"data.shards {d.shards}")
 

@@ -1,6 +1,8 @@
 """Scorers by name: `load_scorer("pickscore")`, `load_scorer("hps=/ckpt/HPS_v2.1_compressed.pt")`,
 `load_scorer("runs/rm/export")` (a folder with `mmalign_scorer.json`), `load_scorer("my_pkg.rewards:fn")`,
-`load_scorer("clap")` (audio: `laion/clap-htsat-unfused`, or `clap=FOLDER`).
+`load_scorer("clap")` (audio: `laion/clap-htsat-unfused`, or `clap=FOLDER`), `load_scorer("runs/rm/reward_model")`
+of a music reward model (card kind `music`, or `music=FOLDER`: a `MusicCodeScorer`, modality "music_codes",
+`score(codes (N, K, T), prompts)`).
 
 Spec grammar: `NAME`, `NAME=SOURCE` (a local folder / file or a hub id), `FOLDER` (an exported reward model), or
 `package.module:function`. Folders of models that do not score plain images (kind `latent`: noisy latents;
@@ -55,6 +57,15 @@ def _video(source):
     return VideoScorer.from_pretrained(source)
 
 
+def _music(source):
+    from mmalign.rewards.music import MusicCodeScorer
+
+    if source is None:
+        raise ScorerError("music needs a source: music=FOLDER (a folder written by MusicRewardModel.save_pretrained, "
+                          "e.g. the reward task's RUN/reward_model of model.kind music)")
+    return MusicCodeScorer.from_pretrained(source)
+
+
 def _clap(source):
     from mmalign.rewards.clap import clap
 
@@ -82,7 +93,7 @@ def _toy_video(source):
 
 SCORERS: dict[str, Callable[[str | None], Scorer]] = {
     "clip_score": _clip_score, "pickscore": _pickscore, "hps": _hps, "aesthetic": _aesthetic, "video": _video,
-    "clap": _clap,
+    "clap": _clap, "music": _music,
     "toy": _toy("all"), "toy_color": _toy("color"), "toy_color_soft": _toy("color_soft"),
     "toy_shape": _toy("shape"), "toy_position": _toy("position"), "toy_total": _toy("total"),
     "toy_brightness": _toy("brightness"), "toy_video": lambda source: _toy_video(source),
@@ -91,7 +102,7 @@ SCORERS: dict[str, Callable[[str | None], Scorer]] = {
 # what gradient guidance can use. Known by name, so a wrong choice is refused before any weights load.
 DIFFERENTIABLE = frozenset({"clip_score", "pickscore", "hps", "aesthetic", "toy_color_soft", "toy_brightness"})
 _DIFFERENTIABLE_KINDS = {"clip": True, "hps": True, "aesthetic": True, "video": False, "clap": False,
-                         "latent": True, "step_aware": True}
+                         "latent": True, "step_aware": True, "music": False}
 _FUNCTION = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
 
@@ -119,7 +130,7 @@ def _from_folder(folder: str) -> Scorer:
         scorer: CLIPScorer = hps(folder)
         scorer.name = card.get("name", "hps")
         return scorer
-    if kind in ("aesthetic", "video"):
+    if kind in ("aesthetic", "video", "music"):
         return SCORERS[kind](folder)
     if kind == "clap":
         from mmalign.rewards.clap import load_clap_scorer
@@ -142,7 +153,8 @@ def scorer_kind(spec: str) -> str:
     """What a spec names, read without loading weights: "latent" for a noisy-latent reward model folder
     (`mmalign.rewards.latent`, used by guidance on noisy latents), "step_aware" for a step-aware preference model
     folder (`mmalign.rewards.step_aware`, scores at a noise level t; `load_scorer` refuses it), else "image" (or
-    "video" for video scorers, "audio" for audio scorers: clap, a user function with `fn.modality = "audio"`)."""
+    "video" for video scorers, "audio" for audio scorers: clap, a user function with `fn.modality = "audio"`;
+    "music_codes" for a music reward model, which scores MusicGen codes)."""
     from mmalign.rewards.clip import read_scorer_card
 
     name, eq, source = spec.strip().partition("=")
@@ -156,6 +168,8 @@ def scorer_kind(spec: str) -> str:
         return "video"
     if name == "clap" or card_kind == "clap":
         return "audio"
+    if name == "music" or card_kind == "music":
+        return "music_codes"
     if not eq and _FUNCTION.match(spec.strip()):  # a user function says `fn.modality = "video"` (or "audio")
         from mmalign.rewards.toy import load_function
 
@@ -215,7 +229,7 @@ def load_scorer(spec: str, *, device: str | torch.device | None = None,
 
         scorer = load_function(spec)
     elif name in SCORERS:
-        if source and os.path.isdir(source) and name not in ("aesthetic", "video"):
+        if source and os.path.isdir(source) and name not in ("aesthetic", "video", "music"):
             from mmalign.rewards.clip import read_scorer_card
 
             if read_scorer_card(source) is not None:

@@ -52,6 +52,16 @@ kind step_aware they choose what of the CLIP trains, and its time MLP always tra
 The final model is exported to `RUN/reward_model/`, a folder its scorer loads back (`load_scorer(folder)`,
 `mmalign score --scorers RUN/reward_model`); a video model is first calibrated (per-dimension mean / std) on up to
 `data.calibration_samples` training videos.
+
+Music reward models (`model.kind: music`, `mmalign.rewards.music`, MusicRL's user-preference reward) train on
+`music_pair` shards: a small transformer over the K codebooks' code embeddings (summed per frame) and the prompt's
+hashed word embeddings (`model.music`: vocab_size, num_codebooks, width, layers, ...), freshly built (seeded with
+run.seed) or trained further from an exported music folder (`model.pretrained`). Every music pair is decided
+(chosen over rejected, label 1), so bt, soft_ce and btt all reduce to the Bradley-Terry loss on it. Codes outside
+the vocabulary or with another K are an error naming the shard keys. With `validation.shards` (held-out music_pair
+shards) the held-out pairwise accuracy (`eval/accuracy`, per dimension `eval/<dim>/accuracy` with several) is
+logged every `validation.every` steps and at the end, and written to `RUN/eval/step-<step>.json`. Exported as a
+`MusicCodeScorer` folder (`load_scorer(folder)`: `score(codes (N, K, T), prompts)`).
 """
 
 from __future__ import annotations
@@ -66,6 +76,7 @@ from pydantic import Field, model_validator
 
 from mmalign.config import StrictModel
 from mmalign.data.video import FrameSampling
+from mmalign.rewards.music import MusicRewardConfig
 from mmalign.rewards.video import VideoRewardConfig
 from mmalign.train.config import BaseTrainConfig
 from mmalign.train.distributed import gather_cat, gather_objects, world_size
@@ -152,11 +163,12 @@ _NOT_LATENT = ("tokenizer", "open_clip_config", "unfreeze_vision_blocks", "unfre
 
 
 class RewardModelConfig(StrictModel):
-    kind: Literal["clip", "hps", "video", "latent", "step_aware"] = Field(
+    kind: Literal["clip", "hps", "video", "latent", "step_aware", "music"] = Field(
         "clip", description="clip: transformers CLIPModel (PickScore style); hps: open_clip checkpoint (HPSv2); "
                             "video: VQ/MQ/TA video reward model; latent: noisy-latent reward model of a generator "
                             "(model.latent); step_aware: a CLIP scorer with timestep conditioning judging a "
-                            "generator's one-step x0 estimates (model.step_aware, SPO's SPM).")
+                            "generator's one-step x0 estimates (model.step_aware, SPO's SPM); music: a Bradley-Terry "
+                            "reward model on music codes (model.music, music_pair shards).")
     pretrained: Optional[str] = Field(None, description="clip / video / step_aware (required): a CLIPModel "
                                                         "folder or hub id (step_aware: or a step-aware folder to "
                                                         "train further) "
@@ -177,6 +189,9 @@ class RewardModelConfig(StrictModel):
                                                                                      "architecture, noising.")
     step_aware: StepAwareModelConfig = Field(default_factory=StepAwareModelConfig,
                                              description="kind step_aware: generator, t range, time MLP.")
+    music: MusicRewardConfig = Field(default_factory=MusicRewardConfig,
+                                     description="kind music: architecture (vocab_size, num_codebooks, width, "
+                                                 "layers, heads, dims, ...); the exported name is model.name.")
 
     @model_validator(mode="after")
     def _check(self) -> "RewardModelConfig":
@@ -185,6 +200,17 @@ class RewardModelConfig(StrictModel):
                              "folder or hub id whose one-step x0 estimates the model scores)")
         if self.kind != "step_aware" and self.step_aware != StepAwareModelConfig():
             raise ValueError(f"step_aware: only for kind 'step_aware', got kind {self.kind!r}")
+        if self.kind != "music" and self.music != MusicRewardConfig():
+            raise ValueError(f"music: only for kind 'music', got kind {self.kind!r}")
+        if self.kind == "music":
+            if self.latent != LatentModelConfig():
+                raise ValueError("latent: only for kind 'latent', got kind 'music'")
+            fields = type(self).model_fields
+            wrong = [k for k in _NOT_LATENT if getattr(self, k) != fields[k].get_default(call_default_factory=True)]
+            if wrong:
+                raise ValueError(f"{', '.join(wrong)}: CLIP / video settings that do not apply to kind 'music'; "
+                                 "remove them")
+            return self  # pretrained: optional (an exported music folder to train further)
         if self.kind != "latent":
             if self.pretrained is None:
                 raise ValueError(f"pretrained: required for kind {self.kind!r}")
@@ -228,7 +254,8 @@ class RewardMethodConfig(StrictModel):
 
 
 class RewardDataConfig(StrictModel):
-    shards: str = Field(..., description="pair shards (image models) or video_pair shards (video models).")
+    shards: str = Field(..., description="pair shards (image models), video_pair shards (video models) or "
+                                         "music_pair shards (music models).")
     resolution: int = Field(224, gt=0, description="Images are centre-cropped to this square before the scorer's "
                                                    "own preprocessing.")
     ties: Literal["keep", "drop"] = Field("keep", description="Tied pairs: keep (soft_ce / btt learn from them; "
@@ -242,9 +269,11 @@ class RewardDataConfig(StrictModel):
 
 
 class RewardValidationConfig(StrictModel):
-    """`validation`: held-out evaluation during training (kind step_aware: the pair accuracy per t bucket)."""
+    """`validation`: held-out evaluation during training (kind step_aware: the pair accuracy per t bucket; kind
+    music: the pairwise accuracy, buckets and seed unused)."""
 
-    shards: Optional[str] = Field(None, description="Held-out pair shards; none: no validation.")
+    shards: Optional[str] = Field(None, description="Held-out pair shards (kind music: music_pair shards); none: "
+                                                    "no validation.")
     every: int = Field(0, ge=0, description="Steps between evaluations; 0 = only at the end.")
     buckets: int = Field(5, gt=0, description="Equal t buckets over [0, 1]; each pair is scored once per bucket.")
     max_pairs: int = Field(256, gt=0, description="At most this many held-out pairs (read in order).")
@@ -262,9 +291,10 @@ class RewardTrainConfig(BaseTrainConfig):
     @model_validator(mode="after")
     def _check_validation(self) -> "RewardTrainConfig":
         v = self.validation
-        if v.shards is not None and self.model.kind != "step_aware":
-            raise ValueError(f"validation.shards: the per-t-bucket accuracy is for model.kind 'step_aware', got "
-                             f"{self.model.kind!r}; remove validation.shards (evaluate with mmalign eval)")
+        if v.shards is not None and self.model.kind not in ("step_aware", "music"):
+            raise ValueError(f"validation.shards: held-out accuracy is for model.kind 'step_aware' (per t bucket) "
+                             f"or 'music', got {self.model.kind!r}; remove validation.shards (evaluate with mmalign "
+                             "eval)")
         if v.every and v.shards is None:
             raise ValueError(f"validation.every {v.every}: needs validation.shards (held-out pair shards)")
         return self
@@ -461,6 +491,35 @@ def step_aware_pair_loss(module, denoiser, batch: dict, sa: StepAwareModelConfig
     return value, metrics
 
 
+def music_pair_loss(module, unwrapped, batch: dict, method: RewardMethodConfig, gather: bool = False
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A `collate_music_pairs` batch (codes (2B, K, T) as [chosen; rejected], codes_mask (2B, T)) -> `pair_loss`
+    of a `MusicRewardModel`'s rewards (every music pair is decided: label 1) and its metrics: `rewards/...` with
+    one dimension; with several, `rewards/<dim>/...` (the same label for every dimension), `rewards/<dim>/loss`
+    and the mean `rewards/accuracy`; the loss is the mean over dimensions. Codes the model cannot score are an
+    error naming the batch's shard keys. `module` runs forward (possibly DDP-wrapped), `unwrapped` is the model."""
+    prompts = list(batch["prompts"])
+    b = len(prompts)
+    codes = unwrapped.check_codes(batch["codes"], f"codes of pairs {batch['keys']} ({sorted(set(batch['shards']))})")
+    rewards = module(codes, prompts + prompts, batch["codes_mask"])
+    r_w, r_l = rewards[:b], rewards[b:]
+    dims = list(unwrapped.config.dims)
+    losses, metrics = [], {}
+    for j, dim in enumerate(dims):
+        value, m = pair_loss(r_w[:, j], r_l[:, j], torch.ones(b), prompts, batch.get("provenance"), method.loss,
+                             method.btt_k, method.prompt_weight, gather)
+        losses.append(value)
+        prefix = "rewards/" if len(dims) == 1 else f"rewards/{dim}/"
+        metrics.update({f"{prefix}{name}": v for name, v in m.items()})
+        if len(dims) > 1:
+            metrics[f"{prefix}loss"] = value.detach()
+    if len(dims) > 1:
+        metrics["rewards/accuracy"] = torch.stack([metrics[f"rewards/{d}/accuracy"] for d in dims]).mean()
+    metrics["rewards/chosen"] = r_w.detach().mean()
+    metrics["rewards/rejected"] = r_l.detach().mean()
+    return torch.stack(losses).mean(), metrics
+
+
 def _tiny_clip(run_dir: str, seed: int) -> str:
     """The tiny test CLIP, built (deterministically from `seed`) into `RUN/tiny_clip_seed{seed}` by the main
     process while the others wait (transformers saves from the main process only in a distributed run)."""
@@ -494,14 +553,14 @@ class RewardTask(Task):
         from mmalign.data.manifest import open_source
 
         src = open_source(self.cfg.data.shards)
-        wanted = "video_pair" if self._is_video() else "pair"
+        wanted = {"video": "video_pair", "music": "music_pair"}.get(self.cfg.model.kind, "pair")
         if src.schema != wanted:
             raise ValueError(f"data.shards {self.cfg.data.shards}: holds {src.schema!r} samples; model.kind "
                              f"{self.cfg.model.kind!r} trains on {wanted!r} shards")
         held_out = self.cfg.validation.shards
-        if held_out is not None and open_source(held_out).schema != "pair":
+        if held_out is not None and open_source(held_out).schema != wanted:
             raise ValueError(f"validation.shards {held_out}: holds {open_source(held_out).schema!r} samples; the "
-                             "per-t-bucket accuracy reads 'pair' shards")
+                             f"held-out accuracy of model.kind {self.cfg.model.kind!r} reads {wanted!r} shards")
         if self._extra_fields():  # the first pair, before any model loads; every batch is checked again
             from mmalign.data.collate import collate_pairs
             from mmalign.data.dataset import PairDataset
@@ -519,6 +578,8 @@ class RewardTask(Task):
             return self._build_latent(device)
         if m.kind == "step_aware":
             return self._build_step_aware(device)
+        if m.kind == "music":
+            return self._build_music(device)
         source = _tiny_clip(self.cfg.run.output_dir, self.cfg.run.seed) if m.pretrained == "tiny" else m.pretrained
         if m.kind == "video":
             from mmalign.rewards.clip import read_scorer_card
@@ -554,6 +615,26 @@ class RewardTask(Task):
             vae.to(device)
         module.to(device).train()
         return Built(module=module, params=[p for p in module.parameters() if p.requires_grad], model=vae)
+
+    def _build_music(self, device) -> Built:
+        """A fresh `MusicRewardModel` of `model.music` (seeded with run.seed), or the exported music folder
+        `model.pretrained` trained further (its architecture must be `model.music`'s)."""
+        from mmalign.rewards.music import MusicRewardModel
+
+        m = self.cfg.model
+        config = m.music.model_copy(update={"name": m.name})
+        if m.pretrained is not None:
+            module = MusicRewardModel.from_pretrained(m.pretrained)
+            if module.config.model_copy(update={"name": m.name}) != config:
+                raise ValueError(f"model.pretrained {m.pretrained}: a music reward model with {module.config}; "
+                                 f"model.music asks for {m.music}: set model.music to the folder's")
+            module.config = config
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.cfg.run.seed)
+                module = MusicRewardModel(config)
+        module.to(device).train()
+        return Built(module=module, params=list(module.parameters()))
 
     def _build_step_aware(self, device) -> Built:
         """A `StepAwareScorer` on `model.pretrained` (time MLP seeded with run.seed, last layer zero; or a step-aware
@@ -592,12 +673,17 @@ class RewardTask(Task):
                       rank=rank, world_size=world_size, strict=d.strict)
         if self._is_video():
             dataset, collate = VideoPairDataset(d.shards, frames=d.frames, **common), collate_video_pairs
+        elif self.cfg.model.kind == "music":
+            from mmalign.data.collate import collate_music_pairs
+            from mmalign.data.dataset import MusicPairDataset
+
+            dataset, collate = MusicPairDataset(d.shards, **common), collate_music_pairs
         else:
             dataset = PairDataset(d.shards, transforms={"resolution": d.resolution, "crop": "center"}, ties=d.ties,
                                   extra_fields=self._extra_fields(), **common)
             collate = collate_pairs
         counts = None
-        if self.cfg.method.prompt_weight == "shards" and not self._is_video():
+        if self.cfg.method.prompt_weight == "shards" and self.cfg.model.kind not in ("video", "music"):
             counts = shard_prompt_counts(d.shards, d.ties)
         for batch in endless_batches(dataset, collate, self.cfg.train.batch_size, skip=skip,
                                      num_workers=d.num_workers, what=f"data.shards {d.shards}"):
@@ -614,6 +700,8 @@ class RewardTask(Task):
             return video_pair_loss(module, batch, k=cfg.method.btt_k, gather=gather)
         if cfg.model.kind == "latent":
             return latent_pair_loss(module, unwrapped, model, batch, cfg.model.latent, cfg.method, generator, gather)
+        if cfg.model.kind == "music":
+            return music_pair_loss(module, unwrapped, batch, cfg.method, gather)
         if cfg.model.kind == "step_aware":
             return step_aware_pair_loss(module, model, batch, cfg.model.step_aware, cfg.method, generator, gather)
         return image_pair_loss(module, batch, cfg.method.loss, cfg.method.btt_k, cfg.method.prompt_weight, gather)
@@ -621,7 +709,7 @@ class RewardTask(Task):
     def after_optimizer_step(self, unwrapped) -> None:
         import math
 
-        if self.cfg.model.kind == "latent":
+        if self.cfg.model.kind in ("latent", "music"):
             return  # no logit scale
         clip = unwrapped.clip if self.cfg.model.kind in ("video", "step_aware") else unwrapped.model
         with torch.no_grad():
@@ -650,12 +738,26 @@ class RewardTask(Task):
         return self.cfg.validation.every if self.cfg.validation.shards else 0
 
     def validate(self, unwrapped, run_dir: Path, step: int, logger) -> dict[str, str]:
-        """kind step_aware with validation.shards: `step_aware_accuracy` on the held-out pairs, logged at `step`
+        """kind music with validation.shards: `music_pair_accuracy` on the held-out music pairs; kind step_aware:
+        `step_aware_accuracy` on the held-out pairs; logged at `step`
         (`BucketAccuracy.metrics`, prefix `eval`) and written to `RUN/eval/step-<step>.json`."""
         v = self.cfg.validation
         if not v.shards:
             return {}
         from mmalign.config import atomic_write_text
+
+        if self.cfg.model.kind == "music":
+            from mmalign.rewards.music import music_pair_accuracy
+
+            result = music_pair_accuracy(unwrapped, v.shards, max_pairs=v.max_pairs, batch_size=v.batch_size)
+            metrics = {"eval/accuracy": result["accuracy"]}
+            if len(result["per_dim"]) > 1:
+                metrics.update({f"eval/{d}/accuracy": a for d, a in result["per_dim"].items()})
+            logger.log(step, metrics)
+            path = Path(run_dir) / "eval" / f"step-{step:06d}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, json.dumps({"step": step, "shards": v.shards, **result}, indent=1))
+            return {"eval": str(path)}
         from mmalign.rewards.step_aware import step_aware_accuracy
 
         result = step_aware_accuracy(unwrapped, self.denoiser, v.shards, v.buckets, resolution=self.cfg.data.resolution,
