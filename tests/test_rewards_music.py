@@ -141,3 +141,32 @@ def test_music_config_is_refused_for_other_kinds_and_other_shards(tmp_path):
                             [f"run.output_dir={tmp_path / 'run'}", f"data.shards={REPO / 'assets' / 'tiny' / 'pairs'}"])
     with pytest.raises(ValueError, match="holds 'pair' samples; model.kind 'music' trains on 'music_pair'"):
         train(cfg)
+
+
+def test_selfgen_music_scores_codes_with_the_music_reward_model(trained, tmp_path):
+    """MusicRL's U reward in `selfgen music`: the code reward model scores the generated codes themselves."""
+    from mmalign.data.dataset import MusicPairDataset
+    from mmalign.music.adapter import load_music
+    from mmalign.rewards.registry import load_scorer
+    from mmalign.selfgen.music import build_music_pairs
+
+    result, _ = trained
+    folder = result.outputs["reward_model"]
+    adapter = load_music(str(REPO / "assets" / "tiny" / "musicgen"))
+    prompts = ["a ascending piano melody in c major", "a descending flute melody in g minor"]
+    build_music_pairs(adapter, prompts, [{"scorer": f"music={folder}", "weight": 1.0}], tmp_path / "pairs", n=3,
+                      frames=8, progress=False)
+    scorer = load_scorer(f"music={folder}")
+    rows = list(MusicPairDataset(str(tmp_path / "pairs"), shuffle=False, rank=0, world_size=1))
+    assert rows
+    for row in rows:
+        scores = scorer.score(torch.stack([row["chosen_codes"], row["rejected_codes"]]),
+                              [row["prompt"]] * 2)
+        assert scores[0] > scores[1]  # best against worst by the code reward model
+
+
+@pytest.mark.parametrize("variant", ["r", "u", "ru"])
+def test_musicrl_recipes_validate(variant):
+    cfg = load_train_config(str(REPO / "configs" / "music" / f"musicrl_{variant}.yaml"), [])
+    assert cfg.method.name == "rwr" and cfg.method.reward_weights
+    assert "Cideron" in (REPO / "configs" / "music" / f"musicrl_{variant}.yaml").read_text()

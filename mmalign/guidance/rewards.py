@@ -36,11 +36,14 @@ class RewardTerm:
         return [self.name] if self.dims is None else [f"{self.name}/{d}" for d in self.dims]
 
     def raw(self, prompts: list[str], images: Tensor | None = None, latents: Tensor | None = None,
-            t: Tensor | None = None, audio=None, sample_rate: int | None = None) -> Tensor:
-        """(N, D) scores: of `images` (N, 3, H, W) in [0, 1], of `latents` at noise levels `t` (N,), or of `audio`
-        at `sample_rate` Hz (an audio scorer: `mmalign.rewards.audio`)."""
+            t: Tensor | None = None, audio=None, sample_rate: int | None = None, codes: Tensor | None = None) -> Tensor:
+        """(N, D) scores: of `images` (N, 3, H, W) in [0, 1], of `latents` at noise levels `t` (N,), of `audio` at
+        `sample_rate` Hz (an audio scorer: `mmalign.rewards.audio`), or of music `codes` (N, K, T) (a scorer of
+        modality "music_codes": `mmalign.rewards.music`)."""
         if self.latent:
             out = self.model(latents, t, prompts)
+        elif getattr(self.model, "modality", None) == "music_codes":
+            out = self.model.score(codes, prompts)
         elif audio is not None:
             out = self.model.score(audio, prompts, sample_rate=sample_rate)
         else:

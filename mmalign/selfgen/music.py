@@ -77,10 +77,11 @@ def _reward_set(rewards, device):
         rewards = RewardSet.load(specs, device=device)
     for term in rewards.terms:
         modality = getattr(term.model, "modality", "image")
-        if term.latent or modality != "audio":
+        if term.latent or modality not in ("audio", "music_codes"):
             raise ValueError(f"reward {term.spec!r} scores {'noisy latents' if term.latent else modality + 's'}; "
-                             "music samples are scored as audio: use an audio scorer (clap, clap=FOLDER, or a "
-                             "package.module:function with fn.modality = 'audio')")
+                             "music samples are scored as audio or as codes: use an audio scorer (clap, "
+                             "clap=FOLDER, or a package.module:function with fn.modality = 'audio') or a music "
+                             "reward model (music=FOLDER)")
     return rewards
 
 
@@ -190,7 +191,7 @@ def build_music_pairs(adapter, prompts: Sequence[str], rewards, out_dir: str | o
             columns: dict[str, list[float]] = {}
             for term in rewards.terms:
                 try:
-                    raw = term.raw([prompts[i]] * n, audio=audio, sample_rate=sample_rate).cpu()
+                    raw = term.raw([prompts[i]] * n, audio=audio, sample_rate=sample_rate, codes=codes).cpu()
                 except ScorerError as err:
                     raise ScorerError(f"prompt {i} ({prompts[i]!r}): reward {term.spec!r}: {err}") from None
                 columns.update({c: raw[:, d].double().tolist() for d, c in enumerate(term.columns)})
