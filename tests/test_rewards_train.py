@@ -149,6 +149,8 @@ for loss, weight in (("soft_ce", "batch"), ("soft_ce", "dataset"), ("bt", "none"
                 "loss": value.item(), "accuracy": metrics["rewards/accuracy"].item(),
                 "grads": [p.grad.flatten().tolist() for p in ref.parameters()]}
 json.dump(out, open(f"{sys.argv[1]}/rank{rank}.json", "w"))
+acc.wait_for_everyone()
+torch.distributed.destroy_process_group()  # a clean shutdown: gloo's threads must not outlive the interpreter
 """
 
 

@@ -263,7 +263,9 @@ def test_selfgen_spo_on_two_processes_writes_what_one_process_writes(tmp_path):
 
     assert main(["selfgen", "spo", *args, "--out", str(tmp_path / "one")]) == 0
     script = tmp_path / "run.py"
-    script.write_text("import sys\nfrom mmalign.cli import main\nsys.exit(main(sys.argv[1:]))\n")
+    script.write_text("import sys\nimport torch\nfrom mmalign.cli import main\ncode = main(sys.argv[1:])\n"
+                      "if torch.distributed.is_initialized():\n    torch.distributed.destroy_process_group()\n"
+                      "sys.exit(code)\n")
     torchrun2(script, "selfgen", "spo", *args, "--out", str(tmp_path / "two"), timeout=600)
     a, b = _rows(tmp_path / "one"), _rows(tmp_path / "two")
     assert a["keys"] == b["keys"] and all(torch.equal(a[n], b[n]) for n in ("x_t", "x_w", "x_l"))
