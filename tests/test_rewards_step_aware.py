@@ -464,7 +464,7 @@ def test_config_refuses_bad_values(override, message):
         load_train_config(RECIPE, override.split())
 
 
-def test_validation_shards_are_only_for_step_aware():
-    with pytest.raises(ConfigError, match="validation.shards: the per-t-bucket accuracy is for model.kind "
-                                          "'step_aware', got 'clip'"):
+def test_validation_shards_are_only_for_step_aware_and_music():
+    with pytest.raises(ConfigError, match=r"validation.shards: held-out accuracy is for model.kind 'step_aware' "
+                                          r"\(per t bucket\) or 'music', got 'clip'"):
         load_train_config(ROOT / "configs/reward/toy_clip.yaml", ["validation.shards=assets/tiny/pairs"])
