@@ -20,7 +20,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from typing import Mapping, Sequence
+
 from mmalign.toy.scenes import as_rng
+
+LABEL_NAMES = {1.0: "A", 0.0: "B", 0.5: "same"}
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -131,3 +135,37 @@ def expected_agreement(
     if temperature == 0:
         return 1.0
     return float(_sigmoid(delta[scored] / temperature).mean())
+
+
+def _per_dimension(value: float | Mapping[str, float], name: str, dims: Sequence[str]) -> dict[str, float]:
+    if isinstance(value, Mapping):
+        missing = [d for d in dims if d not in value]
+        if missing:
+            raise ValueError(f"{name} must give a value for each of {list(dims)}; missing {missing}")
+        return {d: float(value[d]) for d in dims}
+    return {d: float(value) for d in dims}
+
+
+def label_dimensions(rewards_a: Mapping[str, np.ndarray], rewards_b: Mapping[str, np.ndarray], dims: Sequence[str],
+                     rng: np.random.Generator | int, temperature: float | Mapping[str, float],
+                     tie_margin: float | Mapping[str, float]) -> list[dict[str, str]]:
+    """Per-dimension labels, VideoAlign-style: one dict ``{dim: "A" | "B" | "same"}`` per pair, each dimension
+    labelled by `label_pairs` on its own rewards (`rewards_a[d]`, `rewards_b[d]`: (N,)), with its own temperature and
+    tie margin (one value for all, or a dict per dimension). Dimensions draw from `rng` in `dims` order, N uniforms
+    each."""
+    temps = _per_dimension(temperature, "temperature", dims)
+    margins = _per_dimension(tie_margin, "tie_margin", dims)
+    rng = as_rng(rng)
+    columns = {}
+    n = None
+    for d in dims:
+        if d not in rewards_a or d not in rewards_b:
+            raise ValueError(f"rewards_a and rewards_b must both hold {list(dims)}; {d!r} is missing")
+        a = np.atleast_1d(np.asarray(rewards_a[d], dtype=np.float64))
+        b = np.atleast_1d(np.asarray(rewards_b[d], dtype=np.float64))
+        if n is None:
+            n = a.shape[0]
+        if a.shape != (n,) or b.shape != (n,):
+            raise ValueError(f"rewards of {d} must be (N,) arrays of one N, got {a.shape} and {b.shape} (N={n})")
+        columns[d] = label_pairs(a, b, rng, temps[d], margins[d])
+    return [{d: LABEL_NAMES[float(columns[d][i])] for d in dims} for i in range(n or 0)]

@@ -21,21 +21,10 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from mmalign.data.schemas import sanitize_key
-from mmalign.toy.annotator import label_pairs
+from mmalign.toy.annotator import label_dimensions
 from mmalign.toy.music import FRAME_RATE
 from mmalign.toy.music_rewards import MUSIC_DIMENSIONS, check_codes
-from mmalign.toy.scenes import as_rng
 
-LABEL_NAMES = {1.0: "A", 0.0: "B", 0.5: "same"}
-
-
-def _per_dimension(value: float | Mapping[str, float], name: str) -> dict[str, float]:
-    if isinstance(value, Mapping):
-        missing = [d for d in MUSIC_DIMENSIONS if d not in value]
-        if missing:
-            raise ValueError(f"{name} must give a value for each of {list(MUSIC_DIMENSIONS)}; missing {missing}")
-        return {d: float(value[d]) for d in MUSIC_DIMENSIONS}
-    return {d: float(value) for d in MUSIC_DIMENSIONS}
 
 
 def label_music_pairs(
@@ -52,20 +41,7 @@ def label_music_pairs(
     defaults make a one-step pattern gap, 1/7, a 0.95 preference and gaps up to 0.02 ties). Dimensions draw from
     `rng` in pattern, quality order, N uniforms each.
     """
-    temps = _per_dimension(temperature, "temperature")
-    margins = _per_dimension(tie_margin, "tie_margin")
-    rng = as_rng(rng)
-    columns, n = {}, None
-    for d in MUSIC_DIMENSIONS:
-        if d not in rewards_a or d not in rewards_b:
-            raise ValueError(f"rewards_a and rewards_b must both hold {list(MUSIC_DIMENSIONS)}; {d!r} is missing")
-        a = np.atleast_1d(np.asarray(rewards_a[d], dtype=np.float64))
-        b = np.atleast_1d(np.asarray(rewards_b[d], dtype=np.float64))
-        n = a.shape[0] if n is None else n
-        if a.shape != (n,) or b.shape != (n,):
-            raise ValueError(f"rewards of {d} must be (N,) arrays of one N, got {a.shape} and {b.shape} (N={n})")
-        columns[d] = label_pairs(a, b, rng, temps[d], margins[d])
-    return [{d: LABEL_NAMES[float(columns[d][i])] for d in MUSIC_DIMENSIONS} for i in range(n or 0)]
+    return label_dimensions(rewards_a, rewards_b, MUSIC_DIMENSIONS, rng, temperature, tie_margin)
 
 
 def write_music_pair_shards(

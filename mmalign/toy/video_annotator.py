@@ -21,20 +21,9 @@ from typing import Any, Literal, Mapping, Sequence
 import numpy as np
 
 from mmalign.data.schemas import VIDEO_DIMENSIONS, sanitize_key, video_pair_sample
-from mmalign.toy.annotator import label_pairs
-from mmalign.toy.scenes import as_rng
+from mmalign.toy.annotator import label_dimensions
 
-LABEL_NAMES = {1.0: "A", 0.0: "B", 0.5: "same"}
 DEFAULT_FPS = 8.0
-
-
-def _per_dimension(value: float | Mapping[str, float], name: str) -> dict[str, float]:
-    if isinstance(value, Mapping):
-        missing = [d for d in VIDEO_DIMENSIONS if d not in value]
-        if missing:
-            raise ValueError(f"{name} must give a value for each of {list(VIDEO_DIMENSIONS)}; missing {missing}")
-        return {d: float(value[d]) for d in VIDEO_DIMENSIONS}
-    return {d: float(value) for d in VIDEO_DIMENSIONS}
 
 
 def label_video_pairs(
@@ -51,22 +40,7 @@ def label_video_pairs(
     defaults make a 0.1 reward gap a 0.88 preference and gaps up to 0.02 ties). Dimensions draw from `rng` in
     VQ, MQ, TA order, N uniforms each.
     """
-    temps = _per_dimension(temperature, "temperature")
-    margins = _per_dimension(tie_margin, "tie_margin")
-    rng = as_rng(rng)
-    columns = {}
-    n = None
-    for d in VIDEO_DIMENSIONS:
-        if d not in rewards_a or d not in rewards_b:
-            raise ValueError(f"rewards_a and rewards_b must both hold {list(VIDEO_DIMENSIONS)}; {d!r} is missing")
-        a = np.atleast_1d(np.asarray(rewards_a[d], dtype=np.float64))
-        b = np.atleast_1d(np.asarray(rewards_b[d], dtype=np.float64))
-        if n is None:
-            n = a.shape[0]
-        if a.shape != (n,) or b.shape != (n,):
-            raise ValueError(f"rewards of {d} must be (N,) arrays of one N, got {a.shape} and {b.shape} (N={n})")
-        columns[d] = label_pairs(a, b, rng, temps[d], margins[d])
-    return [{d: LABEL_NAMES[float(columns[d][i])] for d in VIDEO_DIMENSIONS} for i in range(n or 0)]
+    return label_dimensions(rewards_a, rewards_b, VIDEO_DIMENSIONS, rng, temperature, tie_margin)
 
 
 def encode_mp4(frames: np.ndarray, fps: float = DEFAULT_FPS, codec: Literal["lossless", "h264"] = "lossless") -> bytes:
