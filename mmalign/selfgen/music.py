@@ -42,14 +42,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import logging
 import os
 import shutil
 import sys
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
-from mmalign.selfgen.common import sample_seed
+from mmalign.selfgen.common import open_stage, sample_seed
 
 STAGING = ".staging"
 _RUN_KEYS = {"model": "model", "sampling": "sampling settings", "n": "n", "seed": "seed", "prompts": "prompts",
@@ -111,29 +110,6 @@ def _write_npy(path: Path, array) -> None:
     os.replace(tmp, path)
 
 
-def _open_stage(stage: Path, run_info: dict, overwrite: bool) -> None:
-    from mmalign.config import atomic_write_text
-
-    stage.mkdir(parents=True, exist_ok=True)
-    info_path = stage / "run.json"
-    if info_path.is_file() or any(stage.iterdir()):
-        try:
-            staged = json.loads(info_path.read_text())
-        except (OSError, ValueError):
-            staged = None
-        if staged != run_info:
-            changes = _key_changes(staged, run_info)
-            if not overwrite:
-                raise ValueError(f"{stage} holds an unfinished run made with other {', '.join(changes)}; its staged "
-                                 "samples cannot be reused. Pass --overwrite (overwrite=True) to discard it and "
-                                 "start again, or use another --out")
-            logging.getLogger("mmalign.selfgen.music").warning("discarding the staged run in %s (other %s)", stage,
-                                                               ", ".join(changes))
-            shutil.rmtree(stage)
-            stage.mkdir(parents=True)
-    atomic_write_text(info_path, json.dumps(run_info))
-
-
 def build_music_pairs(adapter, prompts: Sequence[str], rewards, out_dir: str | os.PathLike, *, n: int = 4,
                       frames: int, temperature: float = 1.0, top_k: int | None = None,
                       guidance_scale: float | None = None, seed: int = 0, normalize: Literal["none", "z"] = "none",
@@ -177,7 +153,8 @@ def build_music_pairs(adapter, prompts: Sequence[str], rewards, out_dir: str | o
     sampling = {"frames": frames, "temperature": temperature, "top_k": top_k, "guidance_scale": guidance_scale}
     versions = {term.name: term.model.version for term in rewards.terms}
     stage = out / STAGING
-    _open_stage(stage, _run_key(adapter, sampling, n, seed, prompts, versions), overwrite)
+    open_stage(stage, _run_key(adapter, sampling, n, seed, prompts, versions), overwrite, _key_changes, "samples",
+               "mmalign.selfgen.music")
 
     todo = [i for i in range(len(prompts)) if not (stage / f"{i:09d}.json").is_file()]
     bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc="selfgen music", disable=not progress,

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import shutil
 import sys
@@ -31,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
-from mmalign.selfgen.common import sample_seed
+from mmalign.selfgen.common import open_stage, sample_seed
 
 STAGING = ".staging"
 
@@ -182,23 +181,7 @@ def build_ranked_set(prompts: Sequence[str], generators: Sequence[ImageGenerator
     versions = {s.name: s.version for s in scorers}
     gen_names = [g.name for g in generators]
     run_info = _run_key(versions, generators, k, seed, prompts)
-    info_path = stage / "run.json"
-    if info_path.is_file() or any(stage.iterdir()):
-        try:
-            staged = json.loads(info_path.read_text())
-        except (OSError, ValueError):
-            staged = None
-        if staged != run_info:
-            changes = _key_changes(staged, run_info)
-            if not overwrite:
-                raise ValueError(f"{stage} holds an unfinished run made with other {', '.join(changes)}; its staged "
-                                 "images cannot be reused. Pass --overwrite (overwrite=True) to discard it and start "
-                                 "again, or use another --out")
-            logging.getLogger("mmalign.selfgen.ranked").warning(
-                "discarding the staged run in %s (other %s)", stage, ", ".join(changes))
-            shutil.rmtree(stage)
-            stage.mkdir(parents=True)
-    atomic_write_text(info_path, json.dumps(run_info))
+    open_stage(stage, run_info, overwrite, _key_changes, "images", "mmalign.selfgen.ranked")
     todo = [i for i in range(len(prompts)) if not (stage / f"{i:09d}.json").is_file()]
     per_chunk = max(1, batch_size // k)
     bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc="selfgen ranked", disable=not progress,

@@ -221,7 +221,7 @@ def build_step_pairs(pretrained: str, scorer_spec: str, prompts: Sequence[str], 
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
-    from mmalign.config import atomic_write_text
+    from mmalign.selfgen.common import open_stage
     from mmalign.t2i.adapter import T2IAdapter, load_t2i_components
     from mmalign.t2i.spo import ddim_scheduler
 
@@ -234,14 +234,7 @@ def build_step_pairs(pretrained: str, scorer_spec: str, prompts: Sequence[str], 
     key = {"model": pretrained, "scorer": scorer_spec, "resolution": resolution, "settings": asdict(cfg),
            "prompts": hashlib.sha256(json.dumps(list(prompts)).encode()).hexdigest()}
     if state.is_main_process:
-        if overwrite and stage.exists() and _staged_key(stage) != key:
-            shutil.rmtree(stage)
-        stage.mkdir(parents=True, exist_ok=True)
-        staged = _staged_key(stage)
-        if staged is not None and staged != key:
-            raise ValueError(f"{stage} holds an unfinished run with other settings ({_diff(staged, key)}); pass "
-                             "--overwrite to discard it, or use another --out")
-        atomic_write_text(stage / "run.json", json.dumps(key))
+        open_stage(stage, key, overwrite, _key_changes, "prompts", "mmalign.selfgen.spo")
     state.wait_for_everyone()
     comps = load_t2i_components(pretrained, resolution=resolution)
     dev = state.device
@@ -270,15 +263,12 @@ def build_step_pairs(pretrained: str, scorer_spec: str, prompts: Sequence[str], 
     return summary
 
 
-def _staged_key(stage: Path) -> dict | None:
-    try:
-        return json.loads((stage / "run.json").read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _diff(old: dict, new: dict) -> str:
-    return ", ".join(f"{k}: {old.get(k)} -> {new.get(k)}" for k in new if old.get(k) != new.get(k)) or "unknown"
+def _key_changes(staged: Any, now: dict) -> list[str]:
+    """What differs between a staged run's key and this run's, in words."""
+    if not isinstance(staged, dict):
+        return ["settings (its run.json is missing or unreadable)"]
+    return ["settings (" + ", ".join(f"{k}: {staged.get(k)} -> {now.get(k)}" for k in now
+                                     if staged.get(k) != now.get(k)) + ")"]
 
 
 def _stage_prompt(stage: Path, index: int, prompt: str, rows: list[dict]) -> None:
