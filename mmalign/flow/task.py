@@ -31,7 +31,7 @@ from mmalign.flow.online import FlowOnlineConfig, OnlineSampler
 from mmalign.losses import FLOW_BETA_SCHEDULES
 from mmalign.methods import METHODS, check_method, preference_loss
 from mmalign.models.loading import ModelLoadError
-from mmalign.models.lora import attach_lora
+from mmalign.models.lora import LoraConfig, attach_lora
 from mmalign.models.reference import ReferenceChoice, resolve_reference
 from mmalign.train.config import BaseTrainConfig
 from mmalign.train.tasks import Built, Task
@@ -39,16 +39,6 @@ from mmalign.train.trainer import DataError, TrainingError
 
 FLOW_REFERENCES = ("lora", "copy", "none")
 LABEL_SIGN = {"A": 1.0, "B": -1.0, "same": 0.0}
-
-
-class FlowLoraConfig(StrictModel):
-    rank: int = Field(8, ge=1, description="LoRA rank r.")
-    alpha: Optional[float] = Field(None, gt=0, description="LoRA alpha; null = rank (scale 1).")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    target_modules: list[str] = Field(
-        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
-        description="Module names (peft matching) to adapt: the attention projections by default (flow_grpo's SD3 "
-                    "LoRA); SD3's joint blocks also have add_q_proj / add_k_proj / add_v_proj / to_add_out.")
 
 
 class FlowModelConfig(StrictModel):
@@ -61,7 +51,7 @@ class FlowModelConfig(StrictModel):
     shift: Optional[float] = Field(None, gt=0, description="Sigma shift of the training timesteps; null = the "
                                                            "pipeline scheduler's (shift, or flow_shift for Wan's "
                                                            "UniPC).")
-    lora: Optional[FlowLoraConfig] = Field(None, description="null = full fine-tune (reference: a frozen copy); set "
+    lora: Optional[LoraConfig] = Field(None, description="null = full fine-tune (reference: a frozen copy); set "
                                                              "= LoRA (reference: adapters disabled).")
     reference: ReferenceChoice = Field("auto", description="auto = lora with LoRA, else copy; precomputed is "
                                                            "refused (surrogates depend on each step's t and noise).")

@@ -4,11 +4,27 @@ header."""
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
+from pydantic import Field
+
+from mmalign.config import StrictModel
 from mmalign.models.loading import move_module
+
+
+class LoraConfig(StrictModel):
+    """`model.lora` of the diffusers-model tasks (text-to-image, flow matching): the settings `attach_lora` takes."""
+
+    rank: int = Field(8, ge=1, description="LoRA rank r.")
+    alpha: Optional[float] = Field(None, gt=0, description="LoRA alpha; null = rank (scale 1).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
+        description="Module names (peft matching) to adapt: the attention projections by default, as the diffusers "
+                    "DPO/SDXL LoRA scripts and flow_grpo's SD3 LoRA; add 'conv1', 'conv2' etc. to adapt a UNet's "
+                    "resnets; SD3's joint blocks also have add_q_proj / add_k_proj / add_v_proj / to_add_out.")
 
 
 class LoraExportError(ValueError):

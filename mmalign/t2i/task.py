@@ -21,7 +21,7 @@ from mmalign.config import StrictModel
 from mmalign.losses import DPO_LOSS_TYPES
 from mmalign.methods import METHODS, check_method, preference_loss
 from mmalign.models.loading import move_module, read_model_index
-from mmalign.models.lora import attach_lora
+from mmalign.models.lora import LoraConfig, attach_lora
 from mmalign.models.reference import ReferenceChoice, resolve_reference
 from mmalign.t2i.adapter import CACHE_NAME, T2IAdapter, TextConditioning, encoder_dtype, load_t2i_components, \
     sdxl_resolution_problem
@@ -35,16 +35,6 @@ T2I_REFERENCES = ("lora", "copy", "none")
 
 
 # -- config --------------------------------------------------------------------------------------------------------
-class LoraConfig(StrictModel):
-    rank: int = Field(8, ge=1, description="LoRA rank r.")
-    alpha: Optional[float] = Field(None, gt=0, description="LoRA alpha; null = rank (scale 1).")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    target_modules: list[str] = Field(
-        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
-        description="Module names (peft matching) to adapt. The diffusers DPO/SDXL LoRA scripts adapt the "
-                    "attention projections; add 'conv1', 'conv2' etc. to adapt resnets.")
-
-
 class ModelConfig(StrictModel):
     pretrained: str = Field(..., description="Diffusers pipeline folder or hub id (hub ids need network or a "
                                              "populated HF cache).")
