@@ -7,7 +7,7 @@ method means the same on every modality and logs the same names:
 |---|---|---|---|---|
 | `dpo` | pairs | yes | error, logp | `diffusion_dpo_loss` (error: β/2 on `-err`, Diffusion-DPO) / `dpo_loss` (logp) |
 | `mapo` | pairs | no | error | `mapo_loss` |
-| `rankdpo` | ranked lists | yes | error | `ranked_dpo_loss` |
+| `rankdpo` | ranked lists | yes | error, logp | `ranked_dpo_loss` (error) / `ranked_sequence_dpo_loss` (logp: DPO's sigmoid per pair) |
 | `flow_dpo` | pairs | yes | error | `flow_dpo_loss` (Flow-DPO: Diffusion-DPO on velocity errors, `beta_schedule` constant or (1-t)^2) |
 | `flow_rwr` | items with rewards | no | error | `rwr_loss` (Flow-RWR: errors weighted by `softmax(r / τ)` over the batch) |
 | `rwr` | items with rewards | no | logp | `rwr_loss` (RWR: NLLs weighted by `softmax(r / τ)` over the batch) |
@@ -27,8 +27,8 @@ Metric names (TRL's, the same for every modality; `loss` is added by the loop):
   `mse/policy_rejected`, `mse/ref_chosen`, `mse/ref_rejected` (error) or `logps/chosen`, `logps/rejected` (logp);
 - mapo: `rewards/accuracies`, `mapo/sft_loss`, `mapo/ratio_loss`, `mapo/log_odds`, `mse/policy_chosen`,
   `mse/policy_rejected`;
-- rankdpo: `rewards/margins`, `rewards/accuracies`, `ranked/num_pairs`, `ranked/prompts_with_pairs`, `mse/policy`,
-  `mse/ref`;
+- rankdpo: `rewards/margins`, `rewards/accuracies`, `ranked/num_pairs`, `ranked/prompts_with_pairs`, and
+  `mse/policy`, `mse/ref` (error) or `logps/policy`, `logps/ref` (logp);
 - flow_dpo: dpo's names and `beta/effective` (the mean per-pair β);
 - flow_rwr: `rwr/weight_max`, `rwr/ess` (effective sample size of the weights), `rewards/mean`, `mse/policy`;
 - rwr: flow_rwr's names with `nll/policy` (the unweighted mean negative log-likelihood) for `mse/policy`;
@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from mmalign.losses import (DPO_LOSS_TYPES, diffusion_dpo_loss, dpo_loss, flow_dpo_loss, mapo_loss, ranked_dpo_loss,
-                            rwr_loss, spo_step_loss)
+                            ranked_sequence_dpo_loss, rwr_loss, spo_step_loss)
 from mmalign.models.contract import Surrogates
 
 
@@ -66,7 +66,7 @@ METHODS: dict[str, Method] = {
     # Diffusion-DPO's 5000 assumes per-sample errors that are means over C,H,W; TRL's 0.1 summed log-probs.
     "dpo": Method("dpo", "pair", True, ("error", "logp"), {"error": 5000.0, "logp": 0.1}),
     "mapo": Method("mapo", "pair", False, ("error",), {"error": 0.1}),
-    "rankdpo": Method("rankdpo", "ranked", True, ("error",), {"error": 5000.0}),
+    "rankdpo": Method("rankdpo", "ranked", True, ("error", "logp"), {"error": 5000.0, "logp": 0.1}),
     # Flow-DPO has no published β on mean velocity errors that transfers between models: recipes set it.
     "flow_dpo": Method("flow_dpo", "pair", True, ("error",), {}),
     # RWR has no β: its temperature τ is on the scale of the rewards.
@@ -169,6 +169,9 @@ def preference_loss(name: str, s: Surrogates, *, beta: float, loss_type: str = "
     if name == "rankdpo":
         if scores is None:
             raise ValueError("method 'rankdpo' needs the ranked lists' scores (B, K)")
+        if s.kind == "logp":
+            return ranked_sequence_dpo_loss(s.policy.T, s.reference.T, scores.to(s.policy.device), beta=beta,
+                                            weighting=rank_weighting)
         return ranked_dpo_loss(s.errors.T, s.reference_errors.T, scores.to(s.policy.device), beta=beta,
                                weighting=rank_weighting)
     # sft: the winners' negative surrogate (their mean error, or their negative log-likelihood)

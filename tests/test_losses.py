@@ -24,6 +24,7 @@ from mmalign.losses import (
     flow_dpo_loss,
     mapo_loss,
     ranked_dpo_loss,
+    ranked_sequence_dpo_loss,
     rwr_loss,
     soft_ce_loss,
     spo_step_loss,
@@ -163,6 +164,32 @@ def ref_ranked(err, ref_err, scores, beta, weighting):
                     gain = abs((2**g_i - 1) - (2**g_j - 1))
                     w = gain * abs(1 / math.log2(1 + tau[i]) - 1 / math.log2(1 + tau[j]))
                 num += w * -logsig(beta / 2 * (s[i] - s[j]))
+                den += w
+        if den > 0:
+            per_prompt.append(num / den)
+    return mean(per_prompt) if per_prompt else 0.0
+
+
+def ref_ranked_sequence(logps, ref_logps, scores, beta, weighting):
+    """The sequence ranked loss by loops: ref_ranked's pairs and weights with DPO's implicit reward
+    s = logp - ref_logp and the pair loss -logσ(β (s_i - s_j)) (no 1/2). Written out again, not derived."""
+    per_prompt = []
+    for b in range(len(logps)):
+        k = len(logps[b])
+        s = [logps[b][i] - ref_logps[b][i] for i in range(k)]
+        order = sorted(range(k), key=lambda i: (-s[i], i))
+        tau = {item: rank + 1 for rank, item in enumerate(order)}
+        num = den = 0.0
+        for i in range(k):
+            for j in range(k):
+                if scores[b][i] <= scores[b][j]:
+                    continue
+                w = 1.0
+                if weighting == "lambda":
+                    g_i = sum(x < scores[b][i] for x in scores[b])
+                    g_j = sum(x < scores[b][j] for x in scores[b])
+                    w = abs(2**g_i - 2**g_j) * abs(1 / math.log2(1 + tau[i]) - 1 / math.log2(1 + tau[j]))
+                num += w * math.log1p(math.exp(-beta * (s[i] - s[j])))
                 den += w
         if den > 0:
             per_prompt.append(num / den)
@@ -1042,3 +1069,50 @@ def test_public_names():
     assert expected <= set(L.__all__)
     for name in expected:
         assert L.__dict__[name].__doc__ and "Returns" in L.__dict__[name].__doc__
+
+
+# ranked_sequence_dpo_loss (RankDPO on sequence log-likelihoods)
+@pytest.mark.parametrize("weighting", ["uniform", "lambda"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_ranked_sequence_parity_random(weighting, seed):
+    rng = rng_for(100 + seed)
+    logps = (-rng.integers(20, 40, (6, 5)) / 4.0).tolist()  # quarter-nat steps: some implicit rewards tie
+    ref = (-rng.integers(20, 40, (6, 5)) / 4.0).tolist()
+    scores = rng.integers(0, 3, (6, 5)).astype(float).tolist()
+    scores[0] = [2.0] * 5
+    loss, m = ranked_sequence_dpo_loss(t64(logps), t64(ref), t64(scores), beta=0.3, weighting=weighting)
+    assert loss.item() == approx(ref_ranked_sequence(logps, ref, scores, 0.3, weighting))
+    assert m["ranked/num_pairs"].item() == sum(1 for row in scores for a in row for b_ in row if a > b_)
+    assert m["logps/policy"].item() == approx(float(np.mean(logps)))
+
+
+@pytest.mark.parametrize("weighting", ["uniform", "lambda"])
+def test_ranked_sequence_k2_equals_dpo_sigmoid(weighting):
+    rng = rng_for(7)
+    pw, pl, rw, rl = (rng.normal(-30, 3, 8).tolist() for _ in range(4))
+    win_first = [i % 3 != 0 for i in range(8)]
+    logps = [[w, lo] if f else [lo, w] for w, lo, f in zip(pw, pl, win_first)]
+    ref = [[w, lo] if f else [lo, w] for w, lo, f in zip(rw, rl, win_first)]
+    scores = [[1.0, 0.0] if f else [0.0, 1.0] for f in win_first]
+    loss, m = ranked_sequence_dpo_loss(t64(logps), t64(ref), t64(scores), beta=0.1, weighting=weighting)
+    exp, em = dpo_loss(t64(pw), t64(pl), t64(rw), t64(rl), beta=0.1, loss_type="sigmoid")
+    assert loss.item() == approx(exp.item(), rel=1e-12)
+    assert m["rewards/margins"].item() == approx(em["rewards/margins"].item(), rel=1e-12)
+
+
+def test_ranked_sequence_equals_the_diffusion_form_on_minus_twice_the_logps():
+    # -logσ(β/2 · (-(e_i - r_i) + (e_j - r_j))) with e = -2 logp is -logσ(β (s_i - s_j)): the same pairs and
+    # weights (τ depends only on the order of s, unchanged by the factor 2)
+    rng = rng_for(9)
+    logps, ref = rng.normal(-20, 2, (4, 6)), rng.normal(-20, 2, (4, 6))
+    scores = t64(rng.normal(size=(4, 6)).tolist())
+    seq, _ = ranked_sequence_dpo_loss(t64(logps.tolist()), t64(ref.tolist()), scores, beta=0.2)
+    diff, _ = ranked_dpo_loss(t64((-2 * logps).tolist()), t64((-2 * ref).tolist()), scores, beta=0.2)
+    assert seq.item() == approx(diff.item(), rel=1e-12)
+
+
+def test_ranked_sequence_refuses_bad_shapes_and_beta():
+    with pytest.raises(ValueError, match="K >= 2"):
+        ranked_sequence_dpo_loss(t64([[1.0]]), t64([[1.0]]), t64([[1.0]]))
+    with pytest.raises(ValueError, match="beta"):
+        ranked_sequence_dpo_loss(t64([[1.0, 2.0]]), t64([[1.0, 2.0]]), t64([[1.0, 0.0]]), beta=0.0)

@@ -88,7 +88,7 @@ def test_at_policy_equals_reference_every_dpo_type_starts_where_its_formula_says
 
 @pytest.mark.parametrize("name, kind, loss_type, smoothing, match", [
     ("mapo", "logp", "sigmoid", 0.0, "not defined on this modality's surrogates"),
-    ("rankdpo", "logp", "sigmoid", 0.0, "not defined on this modality's surrogates"),
+    ("rankdpo", "transition", "sigmoid", 0.0, "surrogates .transition.; valid here: spo"),
     ("dpo", "error", "nope", 0.0, "loss_type 'nope' is not one of"),
     ("mapo", "error", "ipo", 0.0, "selects a DPO variant; method 'mapo' has none"),
     ("dpo", "logp", "hinge", 0.1, "label_smoothing 0.1: only method 'dpo' with loss_type sigmoid or robust"),
@@ -208,3 +208,15 @@ def test_spo_in_the_method_table_is_spo_step_loss_on_transition_surrogates():
     assert same.item() == pytest.approx(math.log(2), abs=1e-7)
     with pytest.raises(ValueError, match="not defined on this modality's surrogates"):
         preference_loss("spo", Surrogates(pol, ref, "error"), beta=10.0)
+
+
+def test_rankdpo_on_log_probs_is_the_sequence_ranked_loss_of_the_item_major_surrogates():
+    from mmalign.losses import ranked_sequence_dpo_loss
+
+    torch.manual_seed(0)
+    policy, reference = torch.randn(4, 3) - 20, torch.randn(4, 3) - 20  # (K items, B prompts)
+    scores = torch.tensor([[3.0, 1.0, 2.0, 0.0], [0.0, 0.0, 1.0, 2.0], [1.0, 1.0, 1.0, 1.0]])  # (B, K)
+    loss, metrics = preference_loss("rankdpo", Surrogates(policy, reference, "logp"), beta=0.2, scores=scores)
+    expected, _ = ranked_sequence_dpo_loss(policy.T, reference.T, scores, beta=0.2)
+    assert loss.item() == expected.item() and "logps/policy" in metrics
+    assert check_method("rankdpo", "logp").default_beta["logp"] == 0.1

@@ -32,10 +32,10 @@ def test_bench_toy_music_runs_every_stage_and_reuses_finished_ones(base, tmp_pat
     out = tmp_path / "bench"
     args = ["bench", "toy-music", "--out", str(out), "--base", base, "--seeds", "1", "--prompts", "10",
             "--samples-per-prompt", "3", "--eval-prompts", "6", "--gen-batch", "8", "--no-progress",
-            "train.max_steps=2", "train.batch_size=2"]
+            "--rm-steps", "4", "train.max_steps=2", "train.batch_size=2"]
     assert main(args) == 0
     report = json.loads((out / "bench.json").read_text())
-    assert [(r["condition"], r["seed"]) for r in report["runs"]] == [("dpo", 0), ("sft", 0)]
+    assert [(r["condition"], r["seed"]) for r in report["runs"]] == [("dpo", 0), ("sft", 0), ("rankdpo", 0)]
     for run in report["runs"]:
         assert set(run["gain"]) == {"pattern", "quality", "in_key", "sounding", "timbre"}
         assert 0 <= run["drift"]["codes"] <= 1 and 0 <= run["drift"]["notes"] <= 1
@@ -46,6 +46,14 @@ def test_bench_toy_music_runs_every_stage_and_reuses_finished_ones(base, tmp_pat
     dpo = read_metrics(out / "runs" / "dpo-seed0" / "train")
     assert dpo[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert "sft/nll" in read_metrics(out / "runs" / "sft-seed0" / "train")[0]
+    # rankdpo: each prompt's 3 samples as one list scored by their round-robin wins; ln 2 at step 0
+    rank = read_metrics(out / "runs" / "rankdpo-seed0" / "train")
+    assert rank[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and rank[0]["ranked/num_pairs"] > 0
+    from mmalign.data.dataset import MusicRankedDataset
+
+    lists = list(MusicRankedDataset(str(out / "data" / "ranked"), shuffle=False, rank=0, world_size=1))
+    assert len(lists) == report["data"]["train"]["ranked_lists"] > 0
+    assert all(len(x["codes"]) == 3 and float(x["scores"].sum()) == 3.0 for x in lists)  # 3 games, 1 point each
 
     # the data stage: every prompt's pair is written or counted as a tie, and its numbers are the shards'
     data = report["data"]["train"]
@@ -62,6 +70,15 @@ def test_bench_toy_music_runs_every_stage_and_reuses_finished_ones(base, tmp_pat
     # the learned reward model: trained on the annotator pairs, its accuracy measured on held-out annotator pairs
     rm, heldout = report["data"]["reward_model"], report["data"]["heldout"]
     assert "skipped" not in rm and rm["heldout_pairs"] == heldout["pairs_written"] > 0
+    # ... trained on every pair of the round robin the annotator decided, which include each prompt's written pair
+    rm_pairs = list(MusicPairDataset(str(out / "data" / "rm_pairs"), shuffle=False, rank=0, world_size=1))
+    assert len(rm_pairs) == data["all_pairs_written"] and data["all_pairs_written"] + data["all_pairs_same"] == 30
+    as_set = {(s["prompt"], s["chosen_codes"].numpy().tobytes(), s["rejected_codes"].numpy().tobytes())
+              for s in rm_pairs}
+    assert all((s["prompt"], s["chosen_codes"].numpy().tobytes(), s["rejected_codes"].numpy().tobytes()) in as_set
+               for s in samples)
+    assert rm["steps"] == 4 and json.loads((Path(rm["model"]) / "mmalign_scorer.json").read_text()
+                                           )["config"]["codebooks"] == [0]
     assert load_manifest(out / "data" / "heldout_pairs").num_samples == rm["heldout_pairs"]
     assert 0 <= rm["heldout_accuracy"] <= 1 and (rm["heldout_accuracy"] * rm["heldout_pairs"] * 2) % 1 == 0
     from mmalign.rewards.registry import load_scorer

@@ -102,6 +102,26 @@ def test_several_dims_save_and_load(tmp_path):
         assert torch.equal(scorer.score(codes, prompt), model(codes, [prompt] * 3))
 
 
+def test_codebooks_option_reads_only_those_codebooks_and_survives_the_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = MusicRewardModel({"codebooks": [0, 2], "width": 16, "heads": 2, "layers": 1}).eval()
+    codes = torch.randint(0, 64, (3, 4, 6))
+    other = codes.clone()
+    other[:, 1] = torch.randint(0, 64, (3, 6))
+    other[:, 3] = 0
+    prompts = ["a repeating piano melody"] * 3
+    with torch.no_grad():
+        assert torch.equal(model(codes, prompts), model(other, prompts))  # codebooks 1 and 3 are not read
+        changed = codes.clone()
+        changed[:, 2] = (changed[:, 2] + 1) % 64
+        assert not torch.allclose(model(codes, prompts), model(changed, prompts))
+        scorer = MusicCodeScorer.from_pretrained(model.save_pretrained(tmp_path / "m"))
+        assert torch.equal(scorer.score(other, prompts), model(codes, prompts)[:, 0])
+    for bad in ([4], [0, 0], []):
+        with pytest.raises(ValueError, match="codebooks|at least 1"):
+            MusicRewardModel({"codebooks": bad})
+
+
 def test_codes_it_cannot_score_are_errors_naming_the_argument(tmp_path):
     scorer = MusicCodeScorer(MusicRewardModel({"width": 16, "heads": 2, "layers": 1, "max_frames": 8}))
     good = torch.zeros(2, 4, 5, dtype=torch.long)

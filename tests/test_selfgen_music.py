@@ -198,3 +198,25 @@ def test_cli(musicgen, tiny_clap, tmp_path, capsys):
     rc = main(["selfgen", "music", "--model", musicgen, "--prompts", str(prompts), "--out", str(tmp_path / "bad"),
                "--rewards", "toy_color", "--no-progress"])
     assert rc == 2 and "music samples are scored as audio" in capsys.readouterr().err
+
+
+def test_ranked_lists_hold_every_sample_with_the_rewards_the_pairs_are_chosen_by(musicgen, tiny_clap, tmp_path):
+    from mmalign.data.dataset import MusicRankedDataset
+
+    adapter = load_music(musicgen)
+    loudness.calls, loudness.fail_at = 0, None
+    build_music_pairs(adapter, PROMPTS[:2], _rewards(tiny_clap), tmp_path / "pairs", n=N, frames=FRAMES, seed=SEED,
+                      progress=False)
+    ranked = build_music_pairs(adapter, PROMPTS[:2], _rewards(tiny_clap), tmp_path / "ranked", n=N, frames=FRAMES,
+                               seed=SEED, progress=False, ranked=True)
+    assert ranked.schema_name == "music_ranked" and ranked.conversion["counts"] == {"lists": 2, "no_gap": 0}
+    members = _shard_members(tmp_path / "pairs")
+    for i, (lst, pair) in enumerate(zip(MusicRankedDataset(tmp_path / "ranked"), MusicPairDataset(tmp_path / "pairs"))):
+        meta = json.loads(members[f"{i:09d}.json"])
+        assert len(lst["codes"]) == N
+        for j, sd in enumerate(sample_seed(SEED, i, j) for j in range(N)):
+            assert torch.equal(lst["codes"][j], adapter.generate([PROMPTS[i]], frames=FRAMES, seed=sd)[0])
+        best, worst = int(lst["scores"].argmax()), int(lst["scores"].argmin())
+        assert (best, worst) == (meta["candidates"]["chosen"], meta["candidates"]["rejected"])
+        assert lst["scores"][best].item() == pytest.approx(meta["reward"]["chosen"], abs=1e-6)
+        assert torch.equal(lst["codes"][best], pair["chosen_codes"])

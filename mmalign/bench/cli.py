@@ -12,6 +12,9 @@ BENCH_COMMANDS: dict[str, tuple[str, str]] = {
     "toy": ("mmalign.toy.bench",
             "every text-to-image method (sft, dpo, mapo, rankdpo) on the same toy data over several seeds: "
             "reward gain, win rate and drift from the base"),
+    "toy-sweep": ("mmalign.toy.sweep",
+                  "the fair method table: sft, dpo, mapo, rankdpo and spo each with a 3 beta x 2 lr sweep chosen on "
+                  "validation prompts, reported on held-out prompts over 3 seeds, with gain against training compute"),
     "toy-video": ("mmalign.flow.proof",
                   "Flow-DPO, Flow-RWR and SFT (offline pairs and online) on the video toy world over several seeds: "
                   "per-dimension gains, win rates and drift from the base"),

@@ -16,10 +16,12 @@ _EXPORTS = {
     # readers
     "ShardDataset": "dataset", "PairDataset": "dataset", "RankedDataset": "dataset", "VideoPairDataset": "dataset",
     "VLMPairDataset": "dataset", "MusicPairDataset": "dataset", "StepPairDataset": "dataset", "READERS": "dataset",
+    "MusicRankedDataset": "dataset",
     "DataCursor": "dataset", "SkipCounter": "dataset", "CorruptSampleError": "dataset",
     # collators
     "collate_pairs": "collate", "collate_ranked": "collate", "collate_video_pairs": "collate",
-    "collate_vlm_pairs": "collate", "collate_music_pairs": "collate", "collate_step_pairs": "collate",
+    "collate_vlm_pairs": "collate", "collate_music_pairs": "collate", "collate_music_ranked": "collate",
+    "collate_step_pairs": "collate",
     "winners_losers": "collate",
     "COLLATORS": "collate",
     # transforms and video
@@ -29,6 +31,7 @@ _EXPORTS = {
     # schemas and writing
     "SCHEMA_VERSIONS": "schemas", "SampleError": "schemas", "pair_sample": "schemas", "ranked_sample": "schemas",
     "video_pair_sample": "schemas", "vlm_pair_sample": "schemas", "music_pair_sample": "schemas",
+    "music_ranked_sample": "schemas",
     "step_pair_sample": "schemas",
     "sanitize_key": "schemas", "ShardSetWriter": "writer",
     # manifests, safety, caches

@@ -213,6 +213,34 @@ def collate_music_pairs(samples: list[dict[str, Any]], pad_value: int = 0) -> di
     return batch
 
 
+def collate_music_ranked(samples: list[dict[str, Any]], pad_value: int = 0) -> dict[str, Any]:
+    """`MusicRankedDataset` samples (B lists of N code arrays each) -> `{"codes": (N·B, K, T) long, item-major (row
+    j·B + b is item j of list b, as `collate_music_pairs` puts [chosen; rejected]), right-padded with `pad_value`,
+    "codes_mask": (N·B, T) bool, "lengths", "items": N, "scores": (B, N) float32, "prompts" (B), ...}`. Every list
+    of a batch needs the same N and K."""
+    batch = _common(samples)
+    ns = {len(s["codes"]) for s in samples}
+    if len(ns) != 1:
+        raise ValueError(f"music_ranked lists in one batch must have the same number of items N, got {sorted(ns)} "
+                         f"(keys {batch['keys']}); write lists of one length")
+    n = ns.pop()
+    codes = [s["codes"][j] for j in range(n) for s in samples]
+    ks = {c.shape[0] for c in codes}
+    if len(ks) != 1:
+        raise ValueError(f"music samples in one batch must share the codebook count K, got {sorted(ks)}")
+    t_max = max(c.shape[1] for c in codes)
+    out = torch.full((len(codes), ks.pop(), t_max), pad_value, dtype=torch.long)
+    mask = torch.zeros((len(codes), t_max), dtype=torch.bool)
+    for i, c in enumerate(codes):
+        out[i, :, : c.shape[1]] = c
+        mask[i, : c.shape[1]] = True
+    batch.update(codes=out, codes_mask=mask, lengths=mask.sum(1), items=n,
+                 scores=torch.stack([s["scores"] for s in samples]), prompts=[s["prompt"] for s in samples],
+                 provenance=[s["provenance"] for s in samples])
+    batch.update(_cache(samples))
+    return batch
+
+
 def collate_step_pairs(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """`StepPairDataset` samples -> one batch of transitions (row i of every entry is one transition):
 
@@ -243,4 +271,5 @@ def collate_step_pairs(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 COLLATORS = {"pair": collate_pairs, "ranked": collate_ranked, "video_pair": collate_video_pairs,
-             "vlm_pair": collate_vlm_pairs, "music_pair": collate_music_pairs, "step_pair": collate_step_pairs}
+             "vlm_pair": collate_vlm_pairs, "music_pair": collate_music_pairs, "step_pair": collate_step_pairs,
+             "music_ranked": collate_music_ranked}

@@ -642,6 +642,27 @@ class MusicPairDataset(ShardDataset):
         return out
 
 
+class MusicRankedDataset(ShardDataset):
+    """`music_ranked` samples: `"codes"` a list of N int64 tensors (K, T) in stored order, `"scores"` (N,) float32
+    (higher is better), `"prompt"`, `"scorers"`, `"provenance"`."""
+
+    schema = "music_ranked"
+
+    def _decode(self, raw, lay, meta, epoch):
+        import numpy as np
+
+        codes = []
+        for suffix in lay["items"]:
+            arr = load_npy(raw[suffix])
+            if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
+                raise SampleError(f"{suffix} must be an integer array [K, T], got {arr.dtype} {arr.shape}")
+            codes.append(torch.from_numpy(arr.astype(np.int64)))
+        if len({c.shape[0] for c in codes}) != 1:
+            raise SampleError(f"the code arrays have different codebook counts K: {[c.shape[0] for c in codes]}")
+        return {"codes": codes, "scores": torch.tensor(meta.scores, dtype=torch.float32), "prompt": meta.prompt,
+                "scorers": list(meta.scorers), "provenance": _provenance(meta)}
+
+
 class StepPairDataset(ShardDataset):
     """`step_pair` samples (SPO's step-wise preference pools), one kept denoising transition each:
     `{"x_t", "x_w", "x_l"}` float32 tensors of one shape (e.g. (4, 64, 64)), bit-exact as stored; `"prompt"`,
@@ -663,7 +684,7 @@ class StepPairDataset(ShardDataset):
 
 READERS: dict[str, type[ShardDataset]] = {
     "pair": PairDataset, "ranked": RankedDataset, "video_pair": VideoPairDataset, "vlm_pair": VLMPairDataset,
-    "music_pair": MusicPairDataset, "step_pair": StepPairDataset,
+    "music_pair": MusicPairDataset, "step_pair": StepPairDataset, "music_ranked": MusicRankedDataset,
 }
 
 

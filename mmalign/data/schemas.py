@@ -10,6 +10,7 @@ name at the first dot, so keys never contain dots; the rest of the name (`0.jpg`
 | `video_pair` | 1 | `json`, `a.mp4`, `b.mp4` |
 | `vlm_pair` | 1 | `json`, `0.<img>` ... (>= 1), optional `rejected.0.<img>` ... |
 | `music_pair` | 1 | `json`, `chosen.npy`, `rejected.npy`, optional `chosen.<audio>`, `rejected.<audio>` |
+| `music_ranked` | 1 | `json`, `0.npy` ... `<N-1>.npy` (N >= 2 code arrays [K, T] of one prompt, one score each) |
 | `step_pair` | 1 | `json`, `x_t.npy`, `x_w.npy`, `x_l.npy` |
 
 `<img>` is the real format of the stored bytes (`jpg`, `png`, `webp`, ...), found from the bytes, never re-encoded.
@@ -33,6 +34,7 @@ from pydantic import (
 
 SCHEMA_VERSIONS: dict[str, int] = {
     "pair": 1, "ranked": 1, "video_pair": 1, "vlm_pair": 1, "music_pair": 1, "step_pair": 1,
+    "music_ranked": 1,
 }
 
 # PIL format name -> member extension. MPO is the multi-picture JPEG some cameras write.
@@ -264,6 +266,22 @@ class MusicPairMeta(_Meta):
     provenance: Provenance = Field(default_factory=Provenance)
 
 
+class MusicRankedMeta(_Meta):
+    prompt: str
+    scores: list[float]
+    scorers: list[str] = Field(default_factory=list)
+    codec: str | None = None
+    frame_rate: float | None = None
+    provenance: Provenance = Field(default_factory=Provenance)
+
+    @field_validator("scores")
+    @classmethod
+    def _scores(cls, v: list[float]) -> list[float]:
+        if len(v) < 2:
+            raise ValueError(f"a music_ranked sample needs N >= 2 scores, got {len(v)}")
+        return _finite(v, "scores")
+
+
 class StepPairMeta(_Meta):
     """One kept denoising transition of a step-wise preference pool (SPO): x_w and x_l were both sampled from x_t
     at `timestep` with the same condition; the step-aware model scored x_w higher."""
@@ -314,7 +332,7 @@ class StepPairMeta(_Meta):
 
 META_MODELS: dict[str, type[_Meta]] = {
     "pair": PairMeta, "ranked": RankedMeta, "video_pair": VideoPairMeta, "vlm_pair": VLMPairMeta,
-    "music_pair": MusicPairMeta, "step_pair": StepPairMeta,
+    "music_pair": MusicPairMeta, "step_pair": StepPairMeta, "music_ranked": MusicRankedMeta,
 }
 
 
@@ -422,6 +440,11 @@ def layout(schema: str, files: dict[str, Any]) -> dict[str, Any]:
                 raise SampleError(f"missing member {side}.npy (the {side} codes, int array [K, T])")
             out[side] = f"{side}.npy"
             out[f"{side}_audio"] = _one_of(files, side, AUDIO_EXTS, required=False)
+    elif schema == "music_ranked":
+        items = _contiguous(_indexed(files, "", ("npy",)), "code arrays", "")
+        if len(items) < 2:
+            raise SampleError(f"a music_ranked sample needs N >= 2 code arrays 0.npy..N-1.npy, found {items or 'none'}")
+        out["items"] = items
     elif schema == "step_pair":
         for name in STEP_LATENTS:
             if f"{name}.npy" not in files:
@@ -470,6 +493,9 @@ def check_sample(schema: str, files: dict[str, bytes]) -> tuple[dict[str, Any], 
     if schema == "ranked" and len(meta.scores) != len(lay["images"]):
         raise SampleError(f"json: scores has {len(meta.scores)} entries but the sample has {len(lay['images'])} "
                           "images; one score per image")
+    if schema == "music_ranked" and len(meta.scores) != len(lay["items"]):
+        raise SampleError(f"json: scores has {len(meta.scores)} entries but the sample has {len(lay['items'])} code "
+                          "arrays; one score per code array")
     if schema == "step_pair":
         latents = {}
         for name in STEP_LATENTS:
@@ -583,6 +609,31 @@ def music_pair_sample(key: str, chosen_codes: Any, rejected_codes: Any, *, promp
         if audio is not None:
             out[f"{side}.{audio_format}"] = bytes(audio)
     out["json"] = _build("music_pair", {"prompt": prompt, "provenance": _prov(provenance), **extra})
+    return out
+
+
+def music_ranked_sample(key: str, codes: list[Any], *, prompt: str, scores: list[float],
+                        scorers: list[str] | None = None, provenance: dict | Provenance | None = None,
+                        **extra: Any) -> dict[str, bytes]:
+    """A `music_ranked` sample: N >= 2 code arrays [K codebooks, T] (T may differ, K may not) of one prompt, one
+    score each (higher is better), as `0.npy` .. `<N-1>.npy`."""
+    import numpy as np
+
+    if len(codes) != len(scores):
+        raise SampleError(f"music_ranked sample {key}: {len(codes)} code arrays but {len(scores)} scores")
+    out = _base(key)
+    ks = set()
+    for i, c in enumerate(codes):
+        arr = np.asarray(c)
+        if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
+            raise SampleError(f"code array {i} of {key} must be an integer array [K, T], got {arr.dtype} {arr.shape}")
+        ks.add(arr.shape[0])
+        out[f"{i}.npy"] = npy_bytes(arr)
+    if len(ks) > 1:
+        raise SampleError(f"{key}: the code arrays of one list must have the same number of codebooks K, got "
+                          f"{sorted(ks)}")
+    out["json"] = _build("music_ranked", {"prompt": prompt, "scores": [float(x) for x in scores],
+                                          "scorers": list(scorers or []), "provenance": _prov(provenance), **extra})
     return out
 
 

@@ -111,6 +111,8 @@ def decode_media(schema: str, files: dict[str, bytes], lay: dict[str, Any], meta
             want = getattr(meta, f"num_frames_{side}")
             if n != want:
                 raise SampleError(f"{lay[side]}: decodes to {n} frames, metadata num_frames_{side} says {want}")
+    if schema == "music_ranked":
+        _check_music_ranked(files, lay)
     if schema == "music_pair":
         shapes = []
         for side in ("chosen", "rejected"):
@@ -122,6 +124,19 @@ def decode_media(schema: str, files: dict[str, bytes], lay: dict[str, Any], meta
                 _check_audio(files[lay[f"{side}_audio"]], lay[f"{side}_audio"])
         if shapes[0][0] != shapes[1][0]:
             raise SampleError(f"chosen.npy and rejected.npy have different codebook counts: {shapes}")
+
+
+def _check_music_ranked(files: dict[str, bytes], lay: dict[str, Any]) -> None:
+    import numpy as np
+
+    ks = []
+    for suffix in lay["items"]:
+        arr = load_npy(files[suffix])
+        if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
+            raise SampleError(f"{suffix}: must be an integer array [K, T], got {arr.dtype} {arr.shape}")
+        ks.append(arr.shape[0])
+    if len(set(ks)) != 1:
+        raise SampleError(f"the code arrays have different codebook counts K: {ks}")
 
 
 def validate_shards(root: str | os.PathLike, *, decode: bool = True, progress: bool | None = None,

@@ -12,7 +12,7 @@ formula, its paper, the scale its default beta assumes and what a tie does.
 
 from .diffusion import FLOW_BETA_SCHEDULES, diffusion_dpo_loss, flow_dpo_loss, mapo_loss
 from .dpo import DPO_LOSS_TYPES, dpo_loss
-from .ranked import RANKED_WEIGHTINGS, ranked_dpo_loss
+from .ranked import RANKED_WEIGHTINGS, ranked_dpo_loss, ranked_sequence_dpo_loss
 from .reward import bt_loss, btt_loss, soft_ce_loss
 from .rwr import rwr_loss
 from .spo import spo_step_loss
@@ -28,6 +28,7 @@ __all__ = [
     "flow_dpo_loss",
     "mapo_loss",
     "ranked_dpo_loss",
+    "ranked_sequence_dpo_loss",
     "rwr_loss",
     "soft_ce_loss",
     "spo_step_loss",

@@ -77,13 +77,61 @@ def ranked_dpo_loss(
     dtype = compute_dtype(err, ref_err)
     e, r = err.to(dtype), ref_err.to(dtype)
     sc = scores.detach()
-    K = e.shape[1]
-
     s = -(e - r)  # (B, K)
+    loss, metrics = _ranked_pairwise(s, sc, beta / 2, weighting, dtype)
+    metrics.update({"mse/policy": e.mean(), "mse/ref": r.mean()})
+    return loss, detached(metrics)
+
+
+def ranked_sequence_dpo_loss(
+    logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    scores: torch.Tensor,
+    beta: float = 0.1,
+    weighting: str = "lambda",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """RankDPO on sequences: `ranked_dpo_loss`'s LambdaRank-weighted pairs with DPO's sequence implicit reward.
+
+    Args:
+        logps: (B, K) the policy's log-likelihood of each of K >= 2 sequences of a prompt (summed over tokens, or a
+            per-token mean for length-normalised variants).
+        ref_logps: (B, K) the reference's on the same sequences.
+        scores: (B, K) preference scores, higher = preferred (only their order within a prompt matters).
+        beta: > 0, on the scale of `logps` (TRL's 0.1 for summed log-probs).
+        weighting: ``"lambda"`` or ``"uniform"``, as `ranked_dpo_loss`.
+
+    With ``s = logps - ref_logps``, every pair with ``score_i > score_j`` contributes
+    ``-logσ(β · (s_i - s_j))`` (DPO's sigmoid loss on the pair), weighted and averaged per prompt exactly as
+    `ranked_dpo_loss` (same weights, ties, prompts without pairs, dtypes). With K = 2 it equals `dpo_loss`
+    (sigmoid) on the (winner, loser) columns.
+
+    Returns:
+        ``(loss, metrics)``: ``rewards/margins`` (mean ``β·(s_i - s_j)`` over all pairs), ``rewards/accuracies``,
+        ``ranked/num_pairs``, ``ranked/prompts_with_pairs``, ``logps/policy`` and ``logps/ref`` (mean
+        log-likelihoods).
+    """
+    fn = "ranked_sequence_dpo_loss"
+    check_shapes(fn, ("logps", "ref_logps", "scores"), (logps, ref_logps, scores), "BK")
+    if logps.shape[1] < 2:
+        raise ValueError(f"{fn}: need K >= 2 sequences per prompt, got logps {tuple(logps.shape)}")
+    beta = check_positive(fn, "beta", beta)
+    check_choice(fn, "weighting", weighting, RANKED_WEIGHTINGS)
+    dtype = compute_dtype(logps, ref_logps)
+    lp, r = logps.to(dtype), ref_logps.to(dtype)
+    loss, metrics = _ranked_pairwise(lp - r, scores.detach(), beta, weighting, dtype)
+    metrics.update({"logps/policy": lp.mean(), "logps/ref": r.mean()})
+    return loss, detached(metrics)
+
+
+def _ranked_pairwise(s: torch.Tensor, sc: torch.Tensor, scale: float, weighting: str,
+                     dtype: torch.dtype) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The pairwise core of both ranked losses: implicit rewards `s` (B, K), detached scores `sc` (B, K), pair
+    loss ``-logσ(scale · (s_i - s_j))`` for ``sc_i > sc_j``, LambdaRank or uniform weights, per-prompt weighted
+    means averaged over prompts with pairs (see `ranked_dpo_loss`). Returns the loss and the pair metrics."""
+    K = s.shape[1]
     is_pair = sc[:, :, None] > sc[:, None, :]  # (B, K, K): item i preferred over item j
     diff = s[:, :, None] - s[:, None, :]
-    pair_loss = -F.logsigmoid(beta / 2 * diff)
-
+    pair_loss = -F.logsigmoid(scale * diff)
     if weighting == "uniform":
         w = is_pair.to(dtype)
     else:
@@ -110,11 +158,9 @@ def ranked_dpo_loss(
 
     with torch.no_grad():
         metrics = {
-            "rewards/margins": masked_mean(beta / 2 * diff, is_pair),
+            "rewards/margins": masked_mean(scale * diff, is_pair),
             "rewards/accuracies": masked_mean(tie_aware_accuracy(diff), is_pair),
             "ranked/num_pairs": is_pair.sum().to(dtype),
             "ranked/prompts_with_pairs": has_pairs.sum().to(dtype),
-            "mse/policy": e.mean(),
-            "mse/ref": r.mean(),
         }
-    return loss, detached(metrics)
+    return loss, metrics

@@ -225,7 +225,8 @@ class MusicAdapter:
         """The `MusicCodesError` message for the first sample of a `collate_music_pairs` batch the model cannot
         score, or None (no model runs)."""
         try:
-            self.check_codes(batch["codes"], batch["codes_mask"], _row_keys(batch["keys"], 2))
+            self.check_codes(batch["codes"], batch["codes_mask"], _row_keys(batch["keys"], batch.get("items", 2),
+                                                                            ranked="items" in batch))
         except MusicCodesError as err:
             return str(err)
         return None
@@ -301,16 +302,19 @@ class MusicAdapter:
                    chosen_only: bool = False) -> Surrogates:
         """A `collate_music_pairs` batch -> `Surrogates` (2, B) of kind "logp": summed code log-probs of the chosen
         (row 0) and rejected (row 1) codes given the prompt, `counts` the codes scored. `chosen_only`: row 0 alone
-        (K = 1, for SFT). `policy` may be wrapped (DDP); the reference runs on the adapter's own model.
+        (K = 1, for SFT). A `collate_music_ranked` batch (N items per list, `batch["items"]`) gives (N, B), row j
+        item j of every list. `policy` may be wrapped (DDP); the reference runs on the adapter's own model.
         Deterministic: `generator` is unused."""
         n = len(batch["keys"])
         codes, frames = batch["codes"], batch["codes_mask"]
-        rows = 1 if chosen_only else 2
-        if codes.shape[0] != 2 * n:
-            raise ValueError(f"a music pair batch holds 2 x {n} code sequences [chosen; rejected], got "
+        items = int(batch.get("items", 2))
+        rows = 1 if chosen_only else items
+        if codes.shape[0] != items * n:
+            what = "[chosen; rejected]" if "items" not in batch else "item-major"
+            raise ValueError(f"a music batch of {n} samples holds {items} x {n} code sequences ({what}), got "
                              f"{codes.shape[0]}")
         inputs = self.encode(list(batch["prompts"]) * rows, codes[: rows * n], frames[: rows * n],
-                             _row_keys(batch["keys"], rows))
+                             _row_keys(batch["keys"], rows, ranked="items" in batch))
         device = next(self.model.parameters()).device
         inputs = inputs.to(device)
         lp = self.logps(policy, inputs)
@@ -401,7 +405,10 @@ class MusicAdapter:
         return audio.decode(codes[None].to(next(audio.parameters()).device), audio_scales=[None] * len(codes))[0]
 
 
-def _row_keys(keys: Sequence[str], rows: int) -> list[str]:
+def _row_keys(keys: Sequence[str], rows: int, ranked: bool = False) -> list[str]:
+    """The sample key of each code row of a batch, with its side (pairs) or item index (ranked lists)."""
+    if ranked:
+        return [f"{key} (item {j})" for j in range(rows) for key in keys]
     sides = ("chosen", "rejected")[:rows]
     return [f"{key} ({side})" for side in sides for key in keys]
 

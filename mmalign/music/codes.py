@@ -1,4 +1,5 @@
-"""Which codes a MusicGen model can score, and the `music_pair` reader that skips (and counts) the others.
+"""Which codes a MusicGen model can score, and the `music_pair` / `music_ranked` readers that skip (and count) the
+others.
 
 A model with K codebooks of V codes scores code arrays (K, T) with T >= 1 frames and every code in `0 .. V - 1`
 (V itself is the pad / start token, never a code). `code_problem` is the one check: the adapter raises
@@ -13,7 +14,7 @@ from typing import Any, Optional
 
 from torch import Tensor
 
-from mmalign.data.dataset import MusicPairDataset
+from mmalign.data.dataset import MusicPairDataset, MusicRankedDataset
 from mmalign.data.schemas import SampleError
 
 
@@ -56,4 +57,21 @@ class CheckedMusicPairDataset(MusicPairDataset):
             problem = code_problem(out[f"{side}_codes"], self.num_codebooks, self.vocab_size)
             if problem is not None:
                 raise SampleError(f"{side} codes: {problem}")
+        return out
+
+
+class CheckedMusicRankedDataset(MusicRankedDataset):
+    """`MusicRankedDataset` for one model: a list with any code array the model cannot score is skipped and counted
+    like a corrupt sample (`strict=True`: an error naming the shard and key)."""
+
+    def __init__(self, source, *, num_codebooks: int, vocab_size: int, **kwargs: Any):
+        super().__init__(source, **kwargs)
+        self.num_codebooks, self.vocab_size = int(num_codebooks), int(vocab_size)
+
+    def _decode(self, raw, lay, meta, epoch):
+        out = super()._decode(raw, lay, meta, epoch)
+        for j, codes in enumerate(out["codes"]):
+            problem = code_problem(codes, self.num_codebooks, self.vocab_size)
+            if problem is not None:
+                raise SampleError(f"item {j} codes: {problem}")
         return out

@@ -9,15 +9,19 @@
    oriented by the annotator's own label of those two. A "same" there (all samples tied on the pattern, or the two
    within the annotator's tie margin) drops the prompt's pair and is counted. Written as `music_pair` shards with
    the ground-truth scores beside the labels.
-2. A learned reward model on the same annotator pairs: the reward task (`task: reward`, `model.kind: music`,
-   `REWARD_RECIPE`, through the task registry) trains a Bradley-Terry music reward model on them, and its pairwise
+2. A learned reward model on the same annotator's labels: the reward task (`task: reward`, `model.kind: music`,
+   `REWARD_RECIPE`, through the task registry) trains a Bradley-Terry music reward model on every pair of the
+   round robin the annotator decided on the pattern (`data/rm_pairs`, the labels the pairs above were picked
+   with), reading codebook 0 (the melody), and its pairwise
    accuracy is measured on a held-out labelled set: the annotator's best vs worst of S base samples for each of the
    `--eval-prompts` held-out (prompt, seed) pairs, written like the training pairs (`data/heldout_pairs`). Reported
    as `data.reward_model` (`heldout_accuracy`, the fraction of held-out pairs whose annotator-chosen side gets the
    higher reward; chance is 0.5). A reward task without the music kind skips the stage (`reward_model.skipped`).
 3. Each condition trains a LoRA on the base's decoder blocks with `task: music`, changing only what the condition
-   names: `dpo` (sigmoid, β below) or `sft` (the chosen codes' per-code NLL, no reference: the control that
-   imitates the annotator's winners without their losers).
+   names: `dpo` (sigmoid, β below), `sft` (the chosen codes' per-code NLL, no reference: the control that
+   imitates the annotator's winners without their losers) or `rankdpo` (every prompt's S samples as a
+   `music_ranked` list scored by their round-robin wins on the pattern, `data/ranked`; LambdaRank-weighted DPO over
+   the list's pairs, same β; 2B/S lists per step, the same number of sequences as B pairs).
 4. Every aligned model is compared with the base on held-out prompts (`music_prompt_seed_pairs("heldout", E)`) at
    equal seeds: the gain of pattern adherence and quality (and quality's parts), the win rate over the base on each
    (ties within 0.05 worth 1/2, 95% CI), and the drift: the fraction of codes (K x T per sample) that changed, and
@@ -49,7 +53,7 @@ REPO = Path(__file__).resolve().parents[2]
 BASE_MODEL = REPO / "assets" / "toy" / "music"
 DIMS = ("pattern", "quality")
 PARTS = ("pattern", "quality", "in_key", "sounding", "timbre")
-CONDITIONS = ("dpo", "sft")
+CONDITIONS = ("dpo", "sft", "rankdpo")
 
 # The shared recipe: LoRA on the decoder blocks, one setting for both conditions.
 # β on the summed-log-prob scale: a sample is K x T = 4 x 32 = 128 codes, 96 of them timbre tokens drawn uniformly
@@ -82,6 +86,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="base samples per training prompt, best vs worst by the annotator (default 4)")
     parser.add_argument("--eval-prompts", type=int, default=480, help="held-out (prompt, seed) pairs")
     parser.add_argument("--gen-batch", type=int, default=64, help="sequences per generate call (part of the seeds)")
+    parser.add_argument("--rm-steps", type=int, default=REWARD_RECIPE["train"]["max_steps"],
+                        help="the learned reward model's training steps (default %(default)s)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="override the shared recipe (e.g. train.max_steps=100 method.beta=0.5)")
@@ -95,9 +101,9 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     if args.seeds < 1 or args.prompts < 2 or args.samples_per_prompt < 2 or args.eval_prompts < 2 \
-            or args.gen_batch < 1:
+            or args.gen_batch < 1 or args.rm_steps < 1:
         print("mmalign bench toy-music: need --seeds >= 1, --prompts >= 2, --samples-per-prompt >= 2, "
-              "--eval-prompts >= 2 and --gen-batch >= 1", file=sys.stderr)
+              "--eval-prompts >= 2, --gen-batch >= 1 and --rm-steps >= 1", file=sys.stderr)
         return 2
     config = Path(args.base) / "config.json"
     if not config.is_file() or json.loads(config.read_text()).get("model_type") != "musicgen":
@@ -105,22 +111,26 @@ def run(args: argparse.Namespace) -> int:
               "has model_type 'musicgen'; make it with scripts/pretrain_toy_music.py)", file=sys.stderr)
         return 2
     report = bench(Path(args.out), args.base, conditions, args.seeds, args.prompts, args.samples_per_prompt,
-                   args.eval_prompts, args.gen_batch, list(args.overrides), args.progress)
+                   args.eval_prompts, args.gen_batch, list(args.overrides), args.progress, args.rm_steps)
     print("\n" + report["table"])
     print(f"\n{Path(args.out) / 'bench.md'}")
     return 0
 
 
-# The learned reward model's recipe (`task: reward`, kind music): the codebook size and K come from the base.
+# The learned reward model's recipe (`task: reward`, kind music): the codebook size and K come from the base. It
+# reads codebook 0 only (the melody: the annotator decides pairs on the pattern) and trains on every pair the
+# annotator decided (`data/rm_pairs`), not only each prompt's best and worst. Measured on 442 held-out pairs
+# (docs/music.md): all 4 codebooks, best vs worst, 300 steps: 0.47 (the timbre tokens, random per frame, let it
+# memorise its 587 pairs); codebook 0, best vs worst, 1500 steps: 0.80; codebook 0, all 2,249 pairs, 1500 steps: 0.87.
 REWARD_RECIPE = {
     "task": "reward",
     "run": {"seed": 0, "overwrite": True},
     "model": {"kind": "music", "name": "toy_music_reward",
-              "music": {"width": 64, "layers": 2, "heads": 4, "max_frames": 64}},
+              "music": {"width": 64, "layers": 2, "heads": 4, "max_frames": 64, "codebooks": [0]}},
     "method": {"loss": "bt"},
-    "data": {"shuffle_buffer": 1000},
+    "data": {"shuffle_buffer": 4000},
     "optim": {"lr": 1e-3, "weight_decay": 0.0, "lr_warmup_steps": 0},
-    "train": {"max_steps": 300, "batch_size": 16, "checkpoint_every": 0, "log_every": 10},
+    "train": {"max_steps": 1500, "batch_size": 16, "checkpoint_every": 0, "log_every": 10},
 }
 
 
@@ -199,6 +209,31 @@ def compare(base: np.ndarray, aligned: np.ndarray, prompts: Sequence[str]) -> di
 
 
 # -- stages ----------------------------------------------------------------------------------------------------------
+def round_robin(rewards: dict[str, np.ndarray], rng: np.random.Generator | int
+                ) -> tuple[np.ndarray, np.ndarray, list[dict[str, str]]]:
+    """The annotator's labels of all S (S - 1) / 2 pairs (i, j), i < j, of each prompt's samples: `ii`, `jj` (the
+    pairs, lexicographic) and the label dicts, prompt-major (pair q * len(ii) + n is prompt q's n-th pair)."""
+    from mmalign.toy.music_annotator import label_music_pairs
+    from mmalign.toy.music_rewards import MUSIC_DIMENSIONS
+
+    ii, jj = np.triu_indices(rewards["pattern"].shape[1], 1)
+    labels = label_music_pairs({d: rewards[d][:, ii].reshape(-1) for d in MUSIC_DIMENSIONS},
+                               {d: rewards[d][:, jj].reshape(-1) for d in MUSIC_DIMENSIONS}, rng)
+    return ii, jj, labels
+
+
+def round_robin_scores(ii: np.ndarray, jj: np.ndarray, labels: list[dict[str, str]], shape: tuple[int, int],
+                       decide_by: str = "pattern") -> np.ndarray:
+    """(P, S) annotator scores of a round robin (`round_robin`): each sample's wins on `decide_by`, 1/2 per
+    "same"."""
+    p, s = shape
+    won = np.array([{"A": 1.0, "B": 0.0, "same": 0.5}[lab[decide_by]] for lab in labels]).reshape(p, len(ii))
+    score = np.zeros((p, s))
+    np.add.at(score, (slice(None), ii), won)
+    np.add.at(score, (slice(None), jj), 1.0 - won)
+    return score
+
+
 def best_and_worst(rewards: dict[str, np.ndarray], rng: np.random.Generator | int,
                    decide_by: str = "pattern") -> tuple[np.ndarray, np.ndarray, list[dict[str, str]]]:
     """The annotator's best and worst of S samples per prompt, and its label of that pair.
@@ -210,17 +245,9 @@ def best_and_worst(rewards: dict[str, np.ndarray], rng: np.random.Generator | in
     different samples) and per prompt the round robin's label dict of the pair (best as "A", worst as "B"), which
     may say "B" (the annotator is noisy) or "same" (dropped by the writer).
     """
-    from mmalign.toy.music_annotator import label_music_pairs
-    from mmalign.toy.music_rewards import MUSIC_DIMENSIONS
-
-    p, s = rewards[decide_by].shape
-    ii, jj = np.triu_indices(s, 1)
-    labels = label_music_pairs({d: rewards[d][:, ii].reshape(-1) for d in MUSIC_DIMENSIONS},
-                               {d: rewards[d][:, jj].reshape(-1) for d in MUSIC_DIMENSIONS}, rng)
-    won = np.array([{"A": 1.0, "B": 0.0, "same": 0.5}[lab[decide_by]] for lab in labels]).reshape(p, len(ii))
-    score = np.zeros((p, s))
-    np.add.at(score, (slice(None), ii), won)
-    np.add.at(score, (slice(None), jj), 1.0 - won)
+    ii, jj, labels = round_robin(rewards, rng)
+    score = round_robin_scores(ii, jj, labels, rewards[decide_by].shape, decide_by)
+    p = score.shape[0]
     order = np.argsort(-score, axis=1, kind="stable")
     best, worst = order[:, 0], order[:, -1]
     flip = {"A": "B", "B": "A", "same": "same"}
@@ -233,8 +260,11 @@ def best_and_worst(rewards: dict[str, np.ndarray], rng: np.random.Generator | in
 
 
 def write_pairs(out: Path, adapter, n_prompts: int, samples: int, batch: int, seed: int, progress: bool,
-                split: str = "train") -> dict:
-    """S samples per prompt of `split` from the base, the annotator's best vs worst as music_pair shards in `out`."""
+                split: str = "train", all_pairs: Path | None = None, ranked: Path | None = None) -> dict:
+    """S samples per prompt of `split` from the base, the annotator's best vs worst as music_pair shards in `out`
+    (with `all_pairs`, every pair the annotator decided on the pattern there: the reward model's data; with
+    `ranked`, each prompt's S samples as a music_ranked list scored by their round-robin wins, for rankdpo; a list
+    whose samples all tie is dropped)."""
     from mmalign.toy.music import music_prompt_seed_pairs
     from mmalign.toy.music_annotator import write_music_pair_shards
 
@@ -253,6 +283,31 @@ def write_pairs(out: Path, adapter, n_prompts: int, samples: int, batch: int, se
                             key_prefix=f"toymusic-{split}",
                             provenance={"dataset": "mmalign-toy-music", "generator": str(adapter.pretrained),
                                         "samples_per_prompt": samples}, overwrite=True)
+    stats = {}
+    ii, jj, round_labels = round_robin(grid, seed)  # the labels best_and_worst drew (same seed)
+    if ranked is not None:
+        from mmalign.data.schemas import music_ranked_sample
+        from mmalign.data.writer import ShardSetWriter
+
+        wins = round_robin_scores(ii, jj, round_labels, (n_prompts, samples))
+        lists = 0
+        with ShardSetWriter(ranked, "music_ranked", overwrite=True) as writer:
+            for q in range(n_prompts):
+                if wins[q].max() > wins[q].min():
+                    writer.write(music_ranked_sample(f"toymusic-{split}-{q:09d}", list(codes[q]), prompt=prompts[q],
+                                                     scores=wins[q].tolist(), scorers=["toy annotator (pattern wins)"],
+                                                     frame_rate=50.0, true_pattern=grid["pattern"][q].tolist()))
+                    lists += 1
+        stats["ranked_lists"] = lists
+    if all_pairs is not None:
+        q, a, b = np.repeat(rows, len(ii)), np.tile(ii, n_prompts), np.tile(jj, n_prompts)
+        same = sum(lab["pattern"] == "same" for lab in round_labels)
+        write_music_pair_shards(all_pairs, codes[q, a], codes[q, b], [prompts[i] for i in q], round_labels,
+                                rewards_a={d: grid[d][q, a] for d in DIMS}, rewards_b={d: grid[d][q, b] for d in DIMS},
+                                key_prefix=f"toymusic-{split}-all",
+                                provenance={"dataset": "mmalign-toy-music", "generator": str(adapter.pretrained),
+                                            "samples_per_prompt": samples}, overwrite=True)
+        stats.update(all_pairs_written=len(round_labels) - same, all_pairs_same=same)
     decided = np.array([lab["pattern"] != "same" for lab in labels])
     a_won = np.array([lab["pattern"] == "A" for lab in labels])
     chosen = np.where(a_won, ra["pattern"], rb["pattern"])[decided]
@@ -263,7 +318,7 @@ def write_pairs(out: Path, adapter, n_prompts: int, samples: int, batch: int, se
             "mean_reward_of_samples": {d: float(grid[d].mean()) for d in DIMS},
             "chosen_pattern": float(chosen.mean()) if decided.any() else None,
             "rejected_pattern": float(rejected.mean()) if decided.any() else None,
-            "annotator_agrees_with_truth": float((chosen > rejected).mean()) if decided.any() else None}
+            "annotator_agrees_with_truth": float((chosen > rejected).mean()) if decided.any() else None, **stats}
 
 
 def reward_model_support() -> str | None:
@@ -287,7 +342,8 @@ def _num_pairs(shards: Path) -> int:
     return int(load_manifest(shards).num_samples)
 
 
-def train_reward_model(out: Path, pairs: Path, heldout: Path, adapter, progress: bool = True) -> dict:
+def train_reward_model(out: Path, pairs: Path, heldout: Path, adapter, progress: bool = True,
+                       steps: int = REWARD_RECIPE["train"]["max_steps"]) -> dict:
     """`REWARD_RECIPE` on the annotator's `pairs` (the reward task, through `mmalign.train.trainer.train`), with
     `heldout` as its validation set: {"heldout_accuracy", "heldout_pairs", "train_accuracy_last10", "steps",
     "seconds", "model"} (the exported `MusicCodeScorer` folder)."""
@@ -299,6 +355,7 @@ def train_reward_model(out: Path, pairs: Path, heldout: Path, adapter, progress:
     recipe["run"]["output_dir"] = str(out)
     recipe["model"]["music"].update(vocab_size=int(adapter.vocab_size), num_codebooks=int(adapter.num_codebooks))
     recipe["data"]["shards"] = str(pairs)
+    recipe["train"]["max_steps"] = steps
     # a bench with fewer pairs than a batch (tiny test settings) trains on all of them per step
     recipe["train"]["batch_size"] = min(recipe["train"]["batch_size"], _num_pairs(pairs))
     recipe["validation"] = {"shards": str(heldout), "max_pairs": 100_000}
@@ -313,7 +370,8 @@ def train_reward_model(out: Path, pairs: Path, heldout: Path, adapter, progress:
             "seconds": round(time.perf_counter() - t0, 1), "model": result.outputs["reward_model"]}
 
 
-def condition_config(condition: str, out: Path, base: str, seed: int, shards: Path, overrides: list[str]):
+def condition_config(condition: str, out: Path, base: str, seed: int, shards: Path, overrides: list[str],
+                     samples: int = 4):
     """The recipe with this condition's changes and this run's paths, validated (overrides last)."""
     from mmalign.train.tasks import load_train_config
 
@@ -323,6 +381,9 @@ def condition_config(condition: str, out: Path, base: str, seed: int, shards: Pa
     recipe["data"]["shards"] = str(shards)
     if condition == "sft":
         recipe["method"] = {"name": "sft"}
+    if condition == "rankdpo":  # lists of S: as many sequences per step as the pairs' batch
+        recipe["method"]["name"] = "rankdpo"
+        recipe["train"]["batch_size"] = max(1, recipe["train"]["batch_size"] * 2 // samples)
     return load_train_config(None, overrides, defaults=recipe, source=f"<toy music {condition} recipe>")
 
 
@@ -338,7 +399,8 @@ def load_aligned(base: str, lora: str):
 
 
 def bench(out: Path, base: str, conditions: list[str], n_seeds: int, n_prompts: int, samples: int, n_eval: int,
-          gen_batch: int, overrides: list[str], progress: bool = True) -> dict:
+          gen_batch: int, overrides: list[str], progress: bool = True,
+          rm_steps: int = REWARD_RECIPE["train"]["max_steps"]) -> dict:
     from mmalign.music.adapter import load_music
     from mmalign.toy.music import music_prompt_seed_pairs
     from mmalign.train.metrics import read_metrics
@@ -346,7 +408,7 @@ def bench(out: Path, base: str, conditions: list[str], n_seeds: int, n_prompts: 
 
     out.mkdir(parents=True, exist_ok=True)
     settings = {"base": str(base), "prompts": n_prompts, "samples_per_prompt": samples, "eval_prompts": n_eval,
-                "gen_batch": gen_batch, "overrides": overrides}
+                "gen_batch": gen_batch, "overrides": overrides, "rm_steps": rm_steps}
     stamp = out / "settings.json"
     if stamp.is_file() and json.loads(stamp.read_text()) != settings:
         raise SystemExit(f"{out} holds a bench with other settings ({stamp}); use another --out")
@@ -358,7 +420,8 @@ def bench(out: Path, base: str, conditions: list[str], n_seeds: int, n_prompts: 
         info = json.loads(info_path.read_text())
     else:
         t0 = time.perf_counter()
-        info = {"train": write_pairs(data / "pairs", base_adapter, n_prompts, samples, gen_batch, 0, progress)}
+        info = {"train": write_pairs(data / "pairs", base_adapter, n_prompts, samples, gen_batch, 0, progress,
+                                     all_pairs=data / "rm_pairs", ranked=data / "ranked")}
         info["train"]["seconds"] = round(time.perf_counter() - t0, 1)
         skipped = reward_model_support()
         if skipped or info["train"]["pairs_written"] == 0:
@@ -368,8 +431,8 @@ def bench(out: Path, base: str, conditions: list[str], n_seeds: int, n_prompts: 
                                           progress, split="heldout")
             info["reward_model"] = ({"skipped": "the annotator tied every held-out pair"}
                                     if info["heldout"]["pairs_written"] == 0 else
-                                    train_reward_model(data / "reward_model", data / "pairs", data / "heldout_pairs",
-                                                       base_adapter, progress))
+                                    train_reward_model(data / "reward_model", data / "rm_pairs", data / "heldout_pairs",
+                                                       base_adapter, progress, rm_steps))
         info_path.write_text(json.dumps(info, indent=2) + "\n")
     if info["train"]["pairs_written"] == 0:
         raise SystemExit(f"{data / 'pairs'}: the annotator tied every prompt's best and worst samples, no pair to "
@@ -394,7 +457,10 @@ def bench(out: Path, base: str, conditions: list[str], n_seeds: int, n_prompts: 
                 runs.append(json.loads(done.read_text()))
                 continue
             t0 = time.perf_counter()
-            cfg = condition_config(condition, run_dir / "train", base, seed, data / "pairs", overrides)
+            shards = data / ("ranked" if condition == "rankdpo" else "pairs")
+            if not (shards / "manifest.json").is_file():
+                raise SystemExit(f"{shards}: no shard set (a data stage of an older bench); use another --out")
+            cfg = condition_config(condition, run_dir / "train", base, seed, shards, overrides, samples)
             cfg.train.progress = progress
             result = train(cfg)
             train_s = time.perf_counter() - t0

@@ -27,6 +27,12 @@ writes (its weighted sum over the scorers); with `reward_weights` {column: weigh
 per-column scores, read from `scores` {"chosen": {...}, "rejected": {...}} (selfgen music) or `scores_chosen` /
 `scores_rejected` (the toy world's `write_music_pair_shards`). Shards without them are an error naming the field and
 the sample at the first micro-batch, before any forward pass.
+
+`name: rankdpo` reads `music_ranked` lists (N code arrays of one prompt with their scores, `mmalign selfgen music
+--ranked`): the adapter scores every item's codes under the policy and the reference, and the loss is
+`mmalign.losses.ranked_sequence_dpo_loss` (DPO's sigmoid on every ordered pair of a list, LambdaRank weights by
+default, `rank_weighting: uniform` for plain pairwise), ln 2 at policy == reference. `train.batch_size` counts
+lists; every list of a batch needs the same N. The precomputed reference caches pair sides and is refused.
 """
 
 from __future__ import annotations
@@ -52,9 +58,10 @@ from mmalign.train.trainer import DataError
 
 
 class MusicMethodConfig(StrictModel):
-    name: Literal["dpo", "sft", "rwr"] = Field(
+    name: Literal["dpo", "sft", "rwr", "rankdpo"] = Field(
         "dpo", description="dpo = DPO family on the codes' log-probs (+ optional SFT term); sft = the chosen codes' "
-                           "NLL only; rwr = both sides' NLL weighted by softmax(reward / temperature).")
+                           "NLL only; rwr = both sides' NLL weighted by softmax(reward / temperature); rankdpo = "
+                           "RankDPO on music_ranked lists (LambdaRank-weighted DPO over every ordered pair).")
     beta: float = Field(0.1, gt=0, description="KL strength on summed code log-probs (the method table's logp "
                                                "default, TRL's 0.1).")
     loss_type: str = Field("sigmoid", description=f"DPO variant (TRL's names), one of {', '.join(DPO_LOSS_TYPES)}.")
@@ -69,6 +76,8 @@ class MusicMethodConfig(StrictModel):
     sft_reduction: Literal["sum", "mean"] = Field("mean", description="NLL per sample of the SFT term and of "
                                                                       "methods sft and rwr: summed over the codes "
                                                                       "or their per-token mean.")
+    rank_weighting: Literal["lambda", "uniform"] = Field("lambda", description="rankdpo: LambdaRank (DCG) pair "
+                                                                                 "weights, or uniform.")
     temperature: float = Field(1.0, gt=0, description="rwr's τ, on the scale of the rewards (small = nearly "
                                                       "best-of-batch, large = SFT on both sides).")
     reward_weights: Optional[dict[str, float]] = Field(
@@ -82,6 +91,9 @@ class MusicMethodConfig(StrictModel):
         sequence_surrogate(self.loss_type, self.surrogate)
         if self.reward_weights is not None and self.name != "rwr":
             raise ValueError(f"method.reward_weights is read by method 'rwr' only (got method {self.name!r})")
+        if self.name == "rankdpo" and (self.loss_type != "sigmoid" or self.sft_weight > 0):
+            raise ValueError("method 'rankdpo' is DPO's sigmoid loss over a list's pairs: loss_type sigmoid, "
+                             f"sft_weight 0 (got loss_type {self.loss_type!r}, sft_weight {self.sft_weight})")
         if self.reward_weights is not None and not self.reward_weights:
             raise ValueError("method.reward_weights is empty: give {column: weight} or null for the stored reward")
         return self
@@ -171,6 +183,14 @@ def music_preference_loss(adapter: MusicAdapter, batch: dict[str, Any], method: 
     table's rwr/weight_max, rwr/ess, rewards/mean, nll/policy, and logps/*, tokens/*).
     """
     policy = adapter.model if policy is None else policy
+    if method.name == "rankdpo":
+        if "items" not in batch:
+            raise DataError("method rankdpo reads music_ranked lists (collate_music_ranked); got a pair batch")
+        s = adapter.surrogates(policy, batch, with_reference=True)
+        scored = s.per_token() if sequence_surrogate(method.loss_type, method.surrogate) == "mean" else s
+        loss, metrics = preference_loss("rankdpo", scored, beta=method.beta, scores=batch["scores"],
+                                        rank_weighting=method.rank_weighting)
+        return loss, {**metrics, "tokens/mean": s.counts.float().mean()}
     if method.name == "rwr":
         rewards = batch_rewards(batch)  # before any forward
         s = adapter.surrogates(policy, batch, with_reference=False)
@@ -228,7 +248,8 @@ class MusicModelConfig(StrictModel):
 
 
 class MusicDataConfig(StrictModel):
-    shards: str = Field(..., description="music_pair shard folder (with manifest.json): chosen / rejected codes.")
+    shards: str = Field(..., description="music_pair shard folder (with manifest.json): chosen / rejected codes; "
+                                         "music_ranked lists for method rankdpo.")
     shuffle_buffer: int = Field(1000, ge=0, description="0 = stored order.")
     num_workers: int = Field(0, ge=0)
     strict: bool = Field(False, description="Raise on a corrupt sample or codes the model cannot score instead "
@@ -250,6 +271,9 @@ class MusicTrainConfig(BaseTrainConfig):
 
     def reference_mode(self) -> str:
         """The reference this run uses: lora, copy, precomputed or none (`resolve_reference`)."""
+        if self.method.name == "rankdpo" and self.model.reference == "precomputed":
+            raise ValueError("model.reference 'precomputed' caches the log-probs of music_pair sides; method "
+                             "rankdpo reads music_ranked lists: use model.reference lora (with model.lora) or copy")
         return resolve_reference(self.model.reference, lora=self.model.lora is not None,
                                  needs_reference=METHODS[self.method.name].needs_reference)
 
@@ -262,9 +286,12 @@ class MusicTask(Task):
         from mmalign.data.manifest import load_manifest
 
         manifest = load_manifest(self.cfg.data.shards)
-        if manifest.schema_name != "music_pair":
-            raise ValueError(f"data.shards {self.cfg.data.shards}: schema {manifest.schema_name!r}; the music task "
-                             "reads music_pair shards")
+        want = "music_ranked" if self.cfg.method.name == "rankdpo" else "music_pair"
+        if manifest.schema_name != want:
+            raise ValueError(f"data.shards {self.cfg.data.shards}: schema {manifest.schema_name!r}; method "
+                             f"{self.cfg.method.name!r} of the music task reads {want} shards (rankdpo: "
+                             "music_ranked lists, written by `mmalign selfgen music --ranked`; the others: "
+                             "music_pair)")
 
     def _load(self, device, reference: str, lora: bool = True) -> MusicAdapter:
         m = self.cfg.model
@@ -292,6 +319,11 @@ class MusicTask(Task):
         if m.name == "rwr":
             dataset = ScoredMusicPairDataset(d.shards, reward_weights=m.reward_weights, **common)
             collate_fn = collate_scored_music_pairs
+        elif m.name == "rankdpo":
+            from mmalign.data.collate import collate_music_ranked
+            from mmalign.music.codes import CheckedMusicRankedDataset
+
+            dataset, collate_fn = CheckedMusicRankedDataset(d.shards, **common), collate_music_ranked
         else:
             dataset, collate_fn = CheckedMusicPairDataset(d.shards, **common), collate_music_pairs
         # padding is masked out of the score; the start token keeps padded rows inside the embeddings

@@ -1,6 +1,7 @@
 """Bradley-Terry reward model on music codes (MusicRL's user-preference reward U, on MusicGen-class tokens).
 
-    codes (B, K, T) --per-codebook embeddings, summed per frame, + frame positions--> (B, T, W) frame tokens
+    codes (B, K, T) --embeddings of the read codebooks (`codebooks`, default all), summed per frame, + frame
+        positions--> (B, T, W) frame tokens
     prompt --hashed word embeddings + word positions--> (B, L, W) word tokens
     [word tokens; frame tokens] --pre-norm transformer (padding masked)--> masked mean of the frame tokens (B, W)
     --one linear head per dimension--> rewards (B, D)
@@ -25,7 +26,7 @@ import os
 import re
 import zlib
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from pydantic import Field, model_validator
@@ -45,6 +46,13 @@ class MusicRewardConfig(StrictModel):
     vocab_size: int = Field(64, gt=0, description="Codes per codebook (the generator's codebook size; codes are "
                                                   "0 .. vocab_size - 1).")
     num_codebooks: int = Field(4, gt=0, description="K, the codebooks of every code array (K, T).")
+    codebooks: Optional[list[int]] = Field(
+        None, min_length=1, description="The codebooks the model reads (indices into the K; null = all). Codes of "
+        "the others are still checked but ignored. MusicGen-class RVQ codebooks go from coarse (0: most of the "
+        "content) to fine acoustic detail: a reward of melody or structure reads the first ones, and does not "
+        "learn to tell its training samples apart by fine-codebook detail (the toy world's timbre tokens, drawn "
+        "at random per frame, made a model reading all 4 memorise its pairs: held-out accuracy 0.50, against "
+        "0.87 reading codebook 0; docs/music.md).")
     width: int = Field(64, gt=0, description="Token width W (code and word embeddings, transformer).")
     layers: int = Field(2, ge=0, description="Transformer layers (0: no attention, the mean of the frames only; "
                                              "the text is then ignored).")
@@ -59,6 +67,10 @@ class MusicRewardConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check(self) -> "MusicRewardConfig":
+        if self.codebooks is not None and (len(set(self.codebooks)) != len(self.codebooks)
+                                           or not all(0 <= k < self.num_codebooks for k in self.codebooks)):
+            raise ValueError(f"codebooks {self.codebooks}: distinct indices in 0 .. {self.num_codebooks - 1} "
+                             f"(num_codebooks {self.num_codebooks})")
         if self.width % self.heads:
             raise ValueError(f"heads {self.heads} must divide width {self.width}")
         bad = [d for d in self.dims if not _DIM_NAME.match(d)]
@@ -89,6 +101,8 @@ class MusicRewardModel(nn.Module):
         self.norm = nn.LayerNorm(c.width)
         self.head = nn.Linear(c.width, len(c.dims))
         self.register_buffer("offsets", torch.arange(c.num_codebooks) * c.vocab_size, persistent=False)
+        read = list(range(c.num_codebooks)) if c.codebooks is None else sorted(c.codebooks)
+        self.register_buffer("read", torch.tensor(read, dtype=torch.long), persistent=False)
 
     @property
     def device(self) -> torch.device:
@@ -137,7 +151,8 @@ class MusicRewardModel(nn.Module):
         frames may hold any code in range) -> raw rewards (B, D)."""
         b, _, t = codes.shape
         mask = torch.ones((b, t), dtype=torch.bool, device=codes.device) if mask is None else mask.to(codes.device)
-        frames = self.codes(codes + self.offsets[:, None]).sum(1)  # (B, T, W): codebooks summed per frame
+        read = self.read.to(codes.device)
+        frames = self.codes(codes[:, read] + self.offsets[read, None]).sum(1)  # (B, T, W): read codebooks summed
         frames = frames + self.frame_pos(torch.arange(t, device=codes.device)) + self.kind.weight[1]
         if self.encoder is not None:
             words, word_mask = self.encode_prompts(prompts)

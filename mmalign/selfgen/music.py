@@ -23,8 +23,12 @@ Shards: `music_pair` samples keyed by the prompt's index (`000000042`): `chosen.
 (origin self, generator = the model), `scores` {"chosen": {column: raw score}, "rejected": {...}}, `reward`
 {"chosen": R, "rejected": R}, `seeds` {"chosen", "rejected"} and `candidates` {"n": N, "chosen": j, "rejected": j}.
 The manifest's `conversion` records the model, the sampling settings, N, the seed, each scorer's version, the
-weights and the counts. Ranked lists (RankDPO) are not written: the `ranked` schema holds images, and a
-`music_pair` holds exactly two code arrays.
+weights and the counts.
+
+Ranked lists (`ranked=True`, `--ranked`; for method rankdpo of `task: music`): `music_ranked` samples instead, one
+per prompt with all N code arrays `0.npy` .. `<N-1>.npy` in sample order and `scores` the N rewards R (the json also
+holds `columns` {column: N raw scores}, `seeds`, codec, frame_rate, sample_rate). A prompt whose R differ by no more
+than `min_gap` is dropped and counted (`no_gap`), as for pairs.
 
 Resumable as `selfgen ranked`: each finished prompt is kept under `OUT/.staging/` (its codes `000000042.npy` (N, K,
 T), then a JSON record of its seeds and every column's N raw scores, written last), so an interrupted run resumes
@@ -113,9 +117,10 @@ def _write_npy(path: Path, array) -> None:
 def build_music_pairs(adapter, prompts: Sequence[str], rewards, out_dir: str | os.PathLike, *, n: int = 4,
                       frames: int, temperature: float = 1.0, top_k: int | None = None,
                       guidance_scale: float | None = None, seed: int = 0, normalize: Literal["none", "z"] = "none",
-                      min_gap: float = 0.0, max_count: int = 1000, overwrite: bool = False, progress: bool = True):
-    """Sample, decode, score, stage, then write best-vs-worst `music_pair` shards; returns the Manifest (see the
-    module docstring).
+                      min_gap: float = 0.0, max_count: int = 1000, overwrite: bool = False, progress: bool = True,
+                      ranked: bool = False):
+    """Sample, decode, score, stage, then write best-vs-worst `music_pair` shards (`ranked`: `music_ranked` lists
+    of all n samples); returns the Manifest (see the module docstring).
 
     adapter: a `MusicAdapter` of a "musicgen" model (`load_music`; its EnCodec decodes the codes for the rewards).
     rewards: a `RewardSet` of audio scorers, or reward specs (`RewardSpec`, dicts {scorer, weight, dims}, spec
@@ -128,7 +133,7 @@ def build_music_pairs(adapter, prompts: Sequence[str], rewards, out_dir: str | o
     from tqdm.auto import tqdm
 
     from mmalign.config import atomic_write_text
-    from mmalign.data.schemas import load_npy, music_pair_sample
+    from mmalign.data.schemas import load_npy, music_pair_sample, music_ranked_sample
     from mmalign.data.writer import ShardSetWriter
     from mmalign.rewards.base import ScorerError
 
@@ -193,13 +198,21 @@ def build_music_pairs(adapter, prompts: Sequence[str], rewards, out_dir: str | o
                               for c in names}, normalize=normalize, group=n).view(len(prompts), n).numpy()
     generator = adapter.pretrained if adapter.revision is None else f"{adapter.pretrained}@{adapter.revision}"
     no_gap = 0
-    with ShardSetWriter(out, "music_pair", max_count=max_count, overwrite=overwrite) as writer:
+    with ShardSetWriter(out, "music_ranked" if ranked else "music_pair", max_count=max_count,
+                        overwrite=overwrite) as writer:
         for i, rec in enumerate(records):
             best, worst = int(np.argmax(reward[i])), int(np.argmin(reward[i]))
             if reward[i, best] - reward[i, worst] <= min_gap:
                 no_gap += 1
                 continue
             codes = load_npy((stage / f"{i:09d}.npy").read_bytes())
+            if ranked:
+                writer.write(music_ranked_sample(
+                    f"{i:09d}", list(codes), prompt=rec["prompt"], scores=reward[i].tolist(), scorers=names,
+                    codec=codec.model_type, frame_rate=float(codec.frame_rate), sample_rate=sample_rate,
+                    provenance={"origin": "self", "generator": generator}, columns=rec["scores"],
+                    seeds=rec["seeds"]))
+                continue
             writer.write(music_pair_sample(
                 f"{i:09d}", codes[best], codes[worst], prompt=rec["prompt"], codec=codec.model_type,
                 frame_rate=float(codec.frame_rate), sample_rate=sample_rate,
@@ -217,7 +230,7 @@ def build_music_pairs(adapter, prompts: Sequence[str], rewards, out_dir: str | o
             "normalize": normalize, "min_gap": min_gap,
             "reward": "sum over reward columns of weight * score" + (" (z over the prompt's n samples)"
                                                                      if normalize == "z" else ""),
-            "counts": {"pairs": len(prompts) - no_gap, "no_gap": no_gap}})
+            "counts": {"lists" if ranked else "pairs": len(prompts) - no_gap, "no_gap": no_gap}})
         manifest = writer.close()
     shutil.rmtree(stage)
     return manifest
@@ -242,6 +255,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of every sample's generation (0)")
     parser.add_argument("--normalize", choices=("none", "z"), default="none",
                         help="z: z-normalise each reward over a prompt's samples before weighting (none)")
+    parser.add_argument("--ranked", action="store_true",
+                        help="write music_ranked lists of all n samples with their rewards (for method rankdpo) "
+                             "instead of best-vs-worst music_pair shards")
     parser.add_argument("--min-gap", type=float, default=0.0,
                         help="drop a prompt whose best and worst rewards differ by no more than this (0)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -278,11 +294,12 @@ def run(args: argparse.Namespace) -> int:
                                      temperature=args.temperature, top_k=args.top_k, guidance_scale=args.guidance,
                                      seed=args.seed, normalize=args.normalize, min_gap=args.min_gap,
                                      max_count=args.max_count, overwrite=args.overwrite,
-                                     progress=not args.no_progress)
+                                     progress=not args.no_progress, ranked=args.ranked)
     except (ScorerError, ModelLoadError, ValueError, FileNotFoundError, FileExistsError, OSError) as err:
         print(f"mmalign selfgen music: {err}", file=sys.stderr)
         return 2
     counts = manifest.conversion["counts"]
-    print(f"mmalign selfgen music: {manifest.num_samples} pairs (best vs worst of {args.n}) from {len(prompts)} "
+    what = f"ranked lists of {args.n}" if args.ranked else f"pairs (best vs worst of {args.n})"
+    print(f"mmalign selfgen music: {manifest.num_samples} {what} from {len(prompts)} "
           f"prompts ({counts['no_gap']} without a reward gap) in {len(manifest.shards)} shards -> {args.out}")
     return 0

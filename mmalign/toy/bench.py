@@ -66,6 +66,20 @@ def method_overrides(method: str, out: Path, batch_size: int, images_per_prompt:
     return [f"method.name={method}"]
 
 
+def make_pool(pipe, out: Path, n_prompts: int, k: int, sample_steps: int) -> dict:
+    """The shared preference data: `k` base images for each of `n_prompts` train-split prompts, every pair labelled
+    (`out/pairs`) and every list ranked (`out/ranked`) by the simulated annotator (seed 0). Returns its counts."""
+    from mmalign.toy import experiment as ex
+    from mmalign.toy.scenes import prompt_seed_pairs
+
+    train_pairs = prompt_seed_pairs("train", n_prompts)
+    seeds = [ex.image_seed(s, j) for _, s in train_pairs for j in range(k)]
+    images = ex.generate(pipe, [p for p, _ in train_pairs for _ in range(k)], seeds, sample_steps,
+                         desc="generate data")
+    return ex.write_preference_data(images, [p for p, _ in train_pairs], seeds, k, out, ex.Annotator(seed=0),
+                                    ranked=True)
+
+
 def bench(out: Path, base: str, methods: list[str], n_seeds: int, n_prompts: int, k: int, n_eval: int,
           sample_steps: int, overrides: list[str]) -> dict:
     from mmalign.toy.recipe import training_config
@@ -77,12 +91,7 @@ def bench(out: Path, base: str, methods: list[str], n_seeds: int, n_prompts: int
     out.mkdir(parents=True, exist_ok=True)
     shared = training_config(out, base, 0, list(overrides), out / "data" / "pairs")  # validate overrides early
     pipe = ToyT2IPipeline.from_pretrained(base)
-    train_pairs = prompt_seed_pairs("train", n_prompts)
-    seeds = [ex.image_seed(s, j) for _, s in train_pairs for j in range(k)]
-    images = ex.generate(pipe, [p for p, _ in train_pairs for _ in range(k)], seeds, sample_steps,
-                         desc="generate data")
-    data_stats = ex.write_preference_data(images, [p for p, _ in train_pairs], seeds, k, out / "data",
-                                          ex.Annotator(seed=0), ranked=True)
+    data_stats = make_pool(pipe, out / "data", n_prompts, k, sample_steps)
     heldout = prompt_seed_pairs("heldout", n_eval)
     eval_prompts, eval_seeds = [p for p, _ in heldout], [s for _, s in heldout]
     base_images = ex.generate(pipe, eval_prompts, eval_seeds, sample_steps, desc="evaluate base")

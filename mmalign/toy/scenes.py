@@ -232,18 +232,22 @@ def all_prompts() -> list[str]:
     ]
 
 
-def prompt_seed_pairs(split: Literal["train", "heldout"], n: int) -> list[tuple[str, int]]:
-    """`n` deterministic (prompt, seed) pairs of a split: pair i is ``(all_prompts()[i % 36], 2*i + k)``.
+def prompt_seed_pairs(split: Literal["train", "heldout", "val"], n: int) -> list[tuple[str, int]]:
+    """`n` deterministic (prompt, seed) pairs of a split: pair i is ``(all_prompts()[i % 36], seed_i)``.
 
-    k = 0 for "train" and 1 for "heldout", so the two splits never share a (prompt, seed) pair (nor a seed) and
-    both cycle through all 36 prompts evenly. The seed is meant for the sampler's noise and for
-    ``sample_scene(seed, caption=prompt)`` when a reference scene is wanted.
+    seed_i is ``2*i`` for "train" and ``2*i + 1`` for "heldout" (the two splits of the quickstart and the benches),
+    and ``2**32 - 1 - i`` for "val" (the split settings are chosen on, counted down from the top of the 32-bit
+    seed range), so no two splits share a (prompt, seed) pair (nor a seed, for fewer
+    than 2**31 pairs) and all three cycle through the 36 prompts evenly. The seed is meant for the sampler's noise
+    and for ``sample_scene(seed, caption=prompt)`` when a reference scene is wanted.
     """
-    if split not in ("train", "heldout"):
-        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    if split not in ("train", "heldout", "val"):
+        raise ValueError(f"split must be 'train', 'heldout' or 'val', got {split!r}")
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     prompts = all_prompts()
+    if split == "val":
+        return [(prompts[i % len(prompts)], 2**32 - 1 - i) for i in range(n)]
     k = 0 if split == "train" else 1
     return [(prompts[i % len(prompts)], 2 * i + k) for i in range(n)]
 
