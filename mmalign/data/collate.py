@@ -190,12 +190,9 @@ def collate_vlm_pairs(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
-def collate_music_pairs(samples: list[dict[str, Any]], pad_value: int = 0) -> dict[str, Any]:
-    """`MusicPairDataset` samples -> `{"codes": (2B,K,T) long as [chosen; rejected], right-padded with
-    `pad_value`, "codes_mask": (2B,T) bool (True = real frame), "lengths": (2B,), "prompts", "chosen_audio",
-    "rejected_audio", ...}`. Use functools.partial to set pad_value (e.g. the model's pad token id)."""
-    batch = _common(samples)
-    codes = [s["chosen_codes"] for s in samples] + [s["rejected_codes"] for s in samples]
+def _pad_codes(codes: list[torch.Tensor], pad_value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Code arrays (K, T_i) of one K -> (N, K, T_max) long right-padded with `pad_value`, and (N, T_max) bool real
+    frames."""
     ks = {c.shape[0] for c in codes}
     if len(ks) != 1:
         raise ValueError(f"music samples in one batch must share the codebook count K, got {sorted(ks)}")
@@ -205,6 +202,15 @@ def collate_music_pairs(samples: list[dict[str, Any]], pad_value: int = 0) -> di
     for i, c in enumerate(codes):
         out[i, :, : c.shape[1]] = c
         mask[i, : c.shape[1]] = True
+    return out, mask
+
+
+def collate_music_pairs(samples: list[dict[str, Any]], pad_value: int = 0) -> dict[str, Any]:
+    """`MusicPairDataset` samples -> `{"codes": (2B,K,T) long as [chosen; rejected], right-padded with
+    `pad_value`, "codes_mask": (2B,T) bool (True = real frame), "lengths": (2B,), "prompts", "chosen_audio",
+    "rejected_audio", ...}`. Use functools.partial to set pad_value (e.g. the model's pad token id)."""
+    batch = _common(samples)
+    out, mask = _pad_codes([s["chosen_codes"] for s in samples] + [s["rejected_codes"] for s in samples], pad_value)
     batch.update(codes=out, codes_mask=mask, lengths=mask.sum(1), prompts=[s["prompt"] for s in samples],
                  chosen_audio=[s["chosen_audio"] for s in samples],
                  rejected_audio=[s["rejected_audio"] for s in samples],
@@ -224,16 +230,7 @@ def collate_music_ranked(samples: list[dict[str, Any]], pad_value: int = 0) -> d
         raise ValueError(f"music_ranked lists in one batch must have the same number of items N, got {sorted(ns)} "
                          f"(keys {batch['keys']}); write lists of one length")
     n = ns.pop()
-    codes = [s["codes"][j] for j in range(n) for s in samples]
-    ks = {c.shape[0] for c in codes}
-    if len(ks) != 1:
-        raise ValueError(f"music samples in one batch must share the codebook count K, got {sorted(ks)}")
-    t_max = max(c.shape[1] for c in codes)
-    out = torch.full((len(codes), ks.pop(), t_max), pad_value, dtype=torch.long)
-    mask = torch.zeros((len(codes), t_max), dtype=torch.bool)
-    for i, c in enumerate(codes):
-        out[i, :, : c.shape[1]] = c
-        mask[i, : c.shape[1]] = True
+    out, mask = _pad_codes([s["codes"][j] for j in range(n) for s in samples], pad_value)
     batch.update(codes=out, codes_mask=mask, lengths=mask.sum(1), items=n,
                  scores=torch.stack([s["scores"] for s in samples]), prompts=[s["prompt"] for s in samples],
                  provenance=[s["provenance"] for s in samples])

@@ -207,6 +207,13 @@ class PairMeta(_Meta):
         return float(v)
 
 
+def _list_scores(v: list[float], what: str, n: str) -> list[float]:
+    """The scores of a ranked list: at least 2, all finite."""
+    if len(v) < 2:
+        raise ValueError(f"{what} needs {n} >= 2 scores, got {len(v)}")
+    return _finite(v, "scores")
+
+
 class RankedMeta(_Meta):
     caption: str
     scores: list[float]
@@ -216,9 +223,7 @@ class RankedMeta(_Meta):
     @field_validator("scores")
     @classmethod
     def _scores(cls, v: list[float]) -> list[float]:
-        if len(v) < 2:
-            raise ValueError(f"a ranked sample needs K >= 2 scores, got {len(v)}")
-        return _finite(v, "scores")
+        return _list_scores(v, "a ranked sample", "K")
 
 
 class VideoPairMeta(_Meta):
@@ -277,9 +282,7 @@ class MusicRankedMeta(_Meta):
     @field_validator("scores")
     @classmethod
     def _scores(cls, v: list[float]) -> list[float]:
-        if len(v) < 2:
-            raise ValueError(f"a music_ranked sample needs N >= 2 scores, got {len(v)}")
-        return _finite(v, "scores")
+        return _list_scores(v, "a music_ranked sample", "N")
 
 
 class StepPairMeta(_Meta):
