@@ -10,7 +10,7 @@ import torch
 
 from mmalign.flow.adapter import FlowAdapter, load_flow_components
 from mmalign.flow.online import FlowOnlineConfig, OnlineSampler, decode, latent_shape, sample_latents
-from mmalign.guidance.rewards import RewardSet, RewardTerm
+from mmalign.rewards.combine import RewardSet, RewardTerm
 from mmalign.models.reference import RefreshedReference
 from mmalign.train.tasks import load_train_config
 from mmalign.train.trainer import TrainingError, train

@@ -398,7 +398,7 @@ class _SumOfLatents(torch.nn.Module):
 
 
 def _sum_reward():
-    from mmalign.guidance.rewards import RewardTerm
+    from mmalign.rewards.combine import RewardTerm
 
     return RewardSet([RewardTerm("sum", "sum", 1.0, _SumOfLatents(), True, None, (1.0,))])
 

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from mmalign.config import StrictModel
 from mmalign.flow.adapter import FlowAdapter, FlowConditioning
-from mmalign.guidance.config import RewardSpec
+from mmalign.rewards.combine import RewardSpec
 
 
 class FlowOnlineConfig(StrictModel):

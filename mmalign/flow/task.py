@@ -476,7 +476,7 @@ class FlowTask(Task):
         o = self.cfg.online
         if o is None:
             return Built(module=transformer, params=params, model=self.adapter)
-        from mmalign.guidance.rewards import RewardSet
+        from mmalign.rewards.combine import RewardSet
         from mmalign.models.reference import RefreshedReference
 
         stateful = []

@@ -14,7 +14,7 @@ _EXPORTS = {
     "BestOfN": "sample", "GuidedSamples": "sample", "best_of_n": "sample", "candidate_seed": "sample",
     "guided_sample": "sample",
     "GuideConfig": "config", "GuidanceConfig": "config", "SamplerConfig": "config",
-    "RewardSet": "rewards", "load_pipeline": "pipelines",
+    "RewardSet": "sample", "load_pipeline": "pipelines",  # RewardSet lives in mmalign.rewards.combine
 }
 
 __all__ = sorted(_EXPORTS)

@@ -112,7 +112,7 @@ def guide(cfg, rows: list[tuple[str, int]], out: Path, done: dict[int, dict]) ->
     from mmalign.config import atomic_write_text
     from mmalign.guidance.config import DTYPES, resolve_device
     from mmalign.guidance.pipelines import load_pipeline
-    from mmalign.guidance.rewards import RewardSet
+    from mmalign.rewards.combine import RewardSet
     from mmalign.guidance.sample import best_of_n, guided_sample
 
     device = resolve_device(cfg.pipeline.device)

@@ -13,13 +13,13 @@ best_of: 1
 
 from __future__ import annotations
 
-import re
 from typing import Literal, Optional
 
 import torch
 from pydantic import AliasChoices, Field, field_validator, model_validator
 
 from mmalign.config import StrictModel
+from mmalign.rewards.combine import RewardSpec, parse_reward_list
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -54,30 +54,6 @@ class SamplerConfig(StrictModel):
     height: Optional[int] = Field(None, gt=0, description="Image height in pixels (default: the model's).")
     width: Optional[int] = Field(None, gt=0, description="Image width in pixels (default: the model's).")
     batch_size: int = Field(16, gt=0, description="Images per denoiser batch.")
-
-
-class RewardSpec(StrictModel):
-    scorer: str = Field(..., description="A scorer spec (`mmalign score`'s: NAME, NAME=SOURCE, an exported "
-                                         "folder, package.module:function) or latent=FOLDER, a noisy-latent "
-                                         "reward model.")
-    weight: float = Field(1.0, description="Weight of this reward in the objective (0: scored, not used).")
-    dims: Optional[dict[str, float]] = Field(None, description="Multi-dimension rewards: weight per dimension "
-                                                               "(unnamed dimensions weigh 0); default all 1.")
-
-
-_WEIGHT = re.compile(r"^(?P<spec>.+):(?P<weight>[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?)$")
-
-
-def parse_reward_list(text: str) -> list[dict]:
-    """`toy_color_soft:1.0,aesthetic=/ckpt:0.3` -> reward specs; a spec without `:weight` weighs 1."""
-    out = []
-    for item in text.split(","):
-        item = item.strip()
-        if not item:
-            raise ValueError(f"rewards {text!r}: empty entry; write SPEC[:WEIGHT],SPEC[:WEIGHT]")
-        m = _WEIGHT.match(item)
-        out.append({"scorer": m["spec"], "weight": float(m["weight"])} if m else {"scorer": item, "weight": 1.0})
-    return out
 
 
 class GuidanceConfig(StrictModel):

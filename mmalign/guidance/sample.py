@@ -39,7 +39,7 @@ from torch import Tensor
 
 from mmalign.guidance.config import GuidanceConfig, SamplerConfig
 from mmalign.guidance.pipelines import decode, denoiser, encode, family, latent_shape, predict, scheduler_from
-from mmalign.guidance.rewards import RewardSet
+from mmalign.rewards.combine import RewardSet
 from mmalign.samplers import diffusion as vp
 from mmalign.samplers import flow
 

@@ -16,7 +16,8 @@ SELFGEN_COMMANDS: dict[str, tuple[str, str]] = {
     "spo": ("mmalign.selfgen.spo", "SPO's step-wise resampler: branches of one DDIM trajectory scored by a step-aware "
                                    "preference model -> step_pair shards"),
     "music": ("mmalign.selfgen.music", "N MusicGen samples per prompt scored by audio rewards (CLAP, your functions): "
-                                       "best vs worst codes -> music_pair shards"),
+                                       "best vs worst codes -> music_pair shards (--ranked: all N -> "
+                                       "music_ranked lists)"),
 }
 
 

@@ -10,7 +10,7 @@ only for the rewards, the N samples of a prompt as one batch.
 Rewards: audio scorers (`clap`, `clap=FOLDER`, an exported CLAP scorer folder, a user function
 `package.module:function` with `fn.modality = "audio"`; a learned audio reward model plugs in the same way), each
 with a weight, and per-dimension weights for multi-dimension ones: the reward list and combination of
-`mmalign guide` (`mmalign.guidance.rewards.RewardSet`; on the command line `clap:1.0,my_pkg.quality:score:0.5`).
+`mmalign guide` (`mmalign.rewards.combine.RewardSet`; on the command line `clap:1.0,my_pkg.quality:score:0.5`).
 A sample's reward is `R = sum over columns of weight · score` (a scalar scorer is one column named after it, a
 multi-dimension one a column `name/dim` per dimension); with `normalize="z"` each column is first z-normalised over
 the prompt's N samples, so rewards of different scales count as their weights say. The pair of a prompt is its best
@@ -66,8 +66,7 @@ def _base(adapter):
 
 def _reward_set(rewards, device):
     """A `RewardSet` of audio scorers from a RewardSet, or from RewardSpecs / dicts / spec strings / (spec, weight)."""
-    from mmalign.guidance.config import RewardSpec
-    from mmalign.guidance.rewards import RewardSet
+    from mmalign.rewards.combine import RewardSet, RewardSpec
 
     if not isinstance(rewards, RewardSet):
         specs = []
@@ -273,7 +272,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from mmalign.data.prompts import read_prompts
-    from mmalign.guidance.config import parse_reward_list
+    from mmalign.rewards.combine import parse_reward_list
     from mmalign.models.loading import ModelLoadError
     from mmalign.music.adapter import load_music
     from mmalign.rewards.base import ScorerError

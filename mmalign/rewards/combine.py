@@ -1,5 +1,5 @@
-"""The weighted rewards guidance steers toward: image scorers on decoded clean estimates, and noisy-latent reward
-models on x_t itself.
+"""Weighted rewards: the objective `mmalign guide` steers toward (image scorers on decoded clean estimates, noisy-latent
+reward models on x_t itself), and the reward of self-generated samples (`selfgen music`, online Flow-DPO).
 
 Every reward is one or more *columns* (a scalar scorer is one column named after it; a multi-dimension scorer one
 column per dimension, `name/dim`), each with a weight = the reward's weight x its dimension's weight. The objective
@@ -9,13 +9,40 @@ report but never evaluated inside the sampling loop, so it cannot change a sampl
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
+from pydantic import Field
 from torch import Tensor
 
+from mmalign.config import StrictModel
 from mmalign.rewards.base import ScorerError
+
+
+class RewardSpec(StrictModel):
+    scorer: str = Field(..., description="A scorer spec (`mmalign score`'s: NAME, NAME=SOURCE, an exported "
+                                         "folder, package.module:function) or latent=FOLDER, a noisy-latent "
+                                         "reward model.")
+    weight: float = Field(1.0, description="Weight of this reward in the objective (0: scored, not used).")
+    dims: Optional[dict[str, float]] = Field(None, description="Multi-dimension rewards: weight per dimension "
+                                                               "(unnamed dimensions weigh 0); default all 1.")
+
+
+_WEIGHT = re.compile(r"^(?P<spec>.+):(?P<weight>[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?)$")
+
+
+def parse_reward_list(text: str) -> list[dict]:
+    """`toy_color_soft:1.0,aesthetic=/ckpt:0.3` -> reward specs; a spec without `:weight` weighs 1."""
+    out = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            raise ValueError(f"rewards {text!r}: empty entry; write SPEC[:WEIGHT],SPEC[:WEIGHT]")
+        m = _WEIGHT.match(item)
+        out.append({"scorer": m["spec"], "weight": float(m["weight"])} if m else {"scorer": item, "weight": 1.0})
+    return out
 
 
 @dataclass
