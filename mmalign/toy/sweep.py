@@ -384,13 +384,13 @@ def plot_compute(heldout: list[dict], pool_passes: int, path: Path) -> None:
     for r in heldout:
         pts = r.get("curve") or [r]
         c = colours.setdefault(r["method"], f"C{len(colours)}")
-        xs = [0] + [p["forward_equivalents"] for p in pts]
+        xs = [0] + [p["forward_equivalents"] / 1e3 for p in pts]
         ys = [0.0] + [p["reward_gain"] for p in pts]
         ax.plot(xs, ys, "-o" if "curve" in r else "o", color=c, ms=3, lw=1,
                 label=r["method"] if r["method"] not in ax.get_legend_handles_labels()[1] else None)
     ax.axhline(0.0, color="grey", lw=0.8)
-    ax.set_xscale("symlog", linthresh=1e3)
-    ax.set_xlabel("training compute (UNet forward-equivalents, samples)")
+    ax.set_xlim(left=0)
+    ax.set_xlabel("training compute (thousand UNet forward-equivalents, samples)")
     ax.set_ylabel("held-out ground-truth reward gain")
     ax.set_title(f"toy world: gain vs compute (shared pool: {pool_passes / 1e3:.0f}k passes)", fontsize=9)
     ax.legend(fontsize=8)
