@@ -187,7 +187,7 @@ def test_prompt_seed_pairs_split():
     assert [p for p, _ in train[:36]] == scenes.all_prompts() == [p for p, _ in heldout[:36]]
     counts = np.unique([p for p, _ in train], return_counts=True)[1]
     assert counts.min() == 2 and counts.max() == 3
-    with pytest.raises(ValueError, match="'train' or 'heldout'"):
+    with pytest.raises(ValueError, match="'train', 'heldout' or 'val'"):
         scenes.prompt_seed_pairs("test", 3)
 
 
