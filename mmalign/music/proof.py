@@ -247,7 +247,13 @@ def best_and_worst(rewards: dict[str, np.ndarray], rng: np.random.Generator | in
     may say "B" (the annotator is noisy) or "same" (dropped by the writer).
     """
     ii, jj, labels = round_robin(rewards, rng)
-    score = round_robin_scores(ii, jj, labels, rewards[decide_by].shape, decide_by)
+    return pick_best_and_worst(ii, jj, labels, rewards[decide_by].shape, decide_by)
+
+
+def pick_best_and_worst(ii: np.ndarray, jj: np.ndarray, labels: list[dict[str, str]], shape: tuple[int, int],
+                        decide_by: str = "pattern") -> tuple[np.ndarray, np.ndarray, list[dict[str, str]]]:
+    """`best_and_worst` from a round robin already labelled (`round_robin`'s `ii`, `jj`, `labels`; `shape` (P, S))."""
+    score = round_robin_scores(ii, jj, labels, shape, decide_by)
     p = score.shape[0]
     order = np.argsort(-score, axis=1, kind="stable")
     best, worst = order[:, 0], order[:, -1]
@@ -276,16 +282,15 @@ def write_pairs(out: Path, adapter, n_prompts: int, samples: int, batch: int, se
                            desc=f"{split} samples", progress=progress)
     rewards = ground_truth(codes, [p for p in prompts for _ in range(samples)])
     grid = {d: rewards[d].reshape(n_prompts, samples) for d in DIMS}
-    best, worst, labels = best_and_worst(grid, seed)
+    ii, jj, round_labels = round_robin(grid, seed)  # one annotator pass: the pairs, the lists and the RM data
+    best, worst, labels = pick_best_and_worst(ii, jj, round_labels, (n_prompts, samples))
     codes = codes.reshape(n_prompts, samples, *codes.shape[1:])
     rows = np.arange(n_prompts)
     ra, rb = {d: grid[d][rows, best] for d in DIMS}, {d: grid[d][rows, worst] for d in DIMS}
+    prov = {"dataset": "mmalign-toy-music", "generator": str(adapter.pretrained), "samples_per_prompt": samples}
     write_music_pair_shards(out, codes[rows, best], codes[rows, worst], prompts, labels, rewards_a=ra, rewards_b=rb,
-                            key_prefix=f"toymusic-{split}",
-                            provenance={"dataset": "mmalign-toy-music", "generator": str(adapter.pretrained),
-                                        "samples_per_prompt": samples}, overwrite=True)
+                            key_prefix=f"toymusic-{split}", provenance=prov, overwrite=True)
     stats = {}
-    ii, jj, round_labels = round_robin(grid, seed)  # the labels best_and_worst drew (same seed)
     if ranked is not None:
         from mmalign.data.schemas import music_ranked_sample
         from mmalign.data.writer import ShardSetWriter
@@ -305,9 +310,7 @@ def write_pairs(out: Path, adapter, n_prompts: int, samples: int, batch: int, se
         same = sum(lab["pattern"] == "same" for lab in round_labels)
         write_music_pair_shards(all_pairs, codes[q, a], codes[q, b], [prompts[i] for i in q], round_labels,
                                 rewards_a={d: grid[d][q, a] for d in DIMS}, rewards_b={d: grid[d][q, b] for d in DIMS},
-                                key_prefix=f"toymusic-{split}-all",
-                                provenance={"dataset": "mmalign-toy-music", "generator": str(adapter.pretrained),
-                                            "samples_per_prompt": samples}, overwrite=True)
+                                key_prefix=f"toymusic-{split}-all", provenance=prov, overwrite=True)
         stats.update(all_pairs_written=len(round_labels) - same, all_pairs_same=same)
     decided = np.array([lab["pattern"] != "same" for lab in labels])
     a_won = np.array([lab["pattern"] == "A" for lab in labels])
