@@ -42,7 +42,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from mmalign.data.cache import CacheInfo, decode_cache_entry, join_cache, open_cache
 from mmalign.data.deps import require
 from mmalign.data.manifest import ShardSource, open_source
-from mmalign.data.schemas import SampleError, check_sample, load_npy
+from mmalign.data.schemas import SampleError, check_code_arrays, check_sample, load_npy
 from mmalign.data.tario import read_shard
 from mmalign.data.transforms import ImageTransforms, sample_rng, transform_images
 from mmalign.data.video import FrameSampling, have_decord, read_frames
@@ -629,16 +629,12 @@ class MusicPairDataset(ShardDataset):
     def _decode(self, raw, lay, meta, epoch):
         import numpy as np
 
+        arrays = {f"{side}.npy": load_npy(raw[lay[side]]) for side in ("chosen", "rejected")}
+        check_code_arrays(arrays)
         out = {"prompt": meta.prompt, "provenance": _provenance(meta)}
         for side in ("chosen", "rejected"):
-            arr = load_npy(raw[lay[side]])
-            if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
-                raise SampleError(f"{side}.npy must be an integer array [K, T], got {arr.dtype} {arr.shape}")
-            out[f"{side}_codes"] = torch.from_numpy(arr.astype(np.int64))
+            out[f"{side}_codes"] = torch.from_numpy(arrays[f"{side}.npy"].astype(np.int64))
             out[f"{side}_audio"] = raw[lay[f"{side}_audio"]] if lay[f"{side}_audio"] else None
-        if out["chosen_codes"].shape[0] != out["rejected_codes"].shape[0]:
-            raise SampleError(f"chosen and rejected codes have different codebook counts K: "
-                              f"{out['chosen_codes'].shape[0]} vs {out['rejected_codes'].shape[0]}")
         return out
 
 
@@ -651,14 +647,9 @@ class MusicRankedDataset(ShardDataset):
     def _decode(self, raw, lay, meta, epoch):
         import numpy as np
 
-        codes = []
-        for suffix in lay["items"]:
-            arr = load_npy(raw[suffix])
-            if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
-                raise SampleError(f"{suffix} must be an integer array [K, T], got {arr.dtype} {arr.shape}")
-            codes.append(torch.from_numpy(arr.astype(np.int64)))
-        if len({c.shape[0] for c in codes}) != 1:
-            raise SampleError(f"the code arrays have different codebook counts K: {[c.shape[0] for c in codes]}")
+        arrays = {suffix: load_npy(raw[suffix]) for suffix in lay["items"]}
+        check_code_arrays(arrays)
+        codes = [torch.from_numpy(a.astype(np.int64)) for a in arrays.values()]
         return {"codes": codes, "scores": torch.tensor(meta.scores, dtype=torch.float32), "prompt": meta.prompt,
                 "scorers": list(meta.scorers), "provenance": _provenance(meta)}
 

@@ -592,6 +592,21 @@ def vlm_pair_sample(key: str, images: list[Any], *, prompt: str | list[dict], ch
     return out
 
 
+def check_code_arrays(arrays: dict[str, Any], where: str = "") -> None:
+    """The token-code arrays of one music sample (name -> array): each an integer array [K codebooks, T] (T may
+    differ), all with the same K. Raises SampleError naming the array (prefixed by `where`)."""
+    import numpy as np
+
+    ks = {}
+    for name, arr in arrays.items():
+        arr = np.asarray(arr)
+        if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
+            raise SampleError(f"{where}{name} must be an integer array [K, T], got {arr.dtype} {arr.shape}")
+        ks[name] = arr.shape[0]
+    if len(set(ks.values())) > 1:
+        raise SampleError(f"{where}the code arrays must have the same number of codebooks K, got {ks}")
+
+
 def music_pair_sample(key: str, chosen_codes: Any, rejected_codes: Any, *, prompt: str,
                       chosen_audio: bytes | None = None, rejected_audio: bytes | None = None, audio_format: str = "wav",
                       provenance: dict | Provenance | None = None, **extra: Any) -> dict[str, bytes]:
@@ -599,13 +614,9 @@ def music_pair_sample(key: str, chosen_codes: Any, rejected_codes: Any, *, promp
     import numpy as np
 
     out = _base(key)
-    for side, codes in (("chosen", chosen_codes), ("rejected", rejected_codes)):
-        arr = np.asarray(codes)
-        if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
-            raise SampleError(f"{side} codes of {key} must be an integer array [K, T], got {arr.dtype} {arr.shape}")
-        out[f"{side}.npy"] = npy_bytes(arr)
-    if np.asarray(chosen_codes).shape[0] != np.asarray(rejected_codes).shape[0]:
-        raise SampleError(f"{key}: chosen and rejected codes must have the same number of codebooks K")
+    arrays = {"chosen codes": np.asarray(chosen_codes), "rejected codes": np.asarray(rejected_codes)}
+    check_code_arrays(arrays, f"{key}: ")
+    out["chosen.npy"], out["rejected.npy"] = (npy_bytes(a) for a in arrays.values())
     if audio_format not in AUDIO_EXTS:
         raise SampleError(f"audio_format must be one of {AUDIO_EXTS}, got {audio_format!r}")
     for side, audio in (("chosen", chosen_audio), ("rejected", rejected_audio)):
@@ -625,16 +636,9 @@ def music_ranked_sample(key: str, codes: list[Any], *, prompt: str, scores: list
     if len(codes) != len(scores):
         raise SampleError(f"music_ranked sample {key}: {len(codes)} code arrays but {len(scores)} scores")
     out = _base(key)
-    ks = set()
-    for i, c in enumerate(codes):
-        arr = np.asarray(c)
-        if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
-            raise SampleError(f"code array {i} of {key} must be an integer array [K, T], got {arr.dtype} {arr.shape}")
-        ks.add(arr.shape[0])
-        out[f"{i}.npy"] = npy_bytes(arr)
-    if len(ks) > 1:
-        raise SampleError(f"{key}: the code arrays of one list must have the same number of codebooks K, got "
-                          f"{sorted(ks)}")
+    arrays = {f"code array {i}": np.asarray(c) for i, c in enumerate(codes)}
+    check_code_arrays(arrays, f"{key}: ")
+    out.update({f"{i}.npy": npy_bytes(a) for i, a in enumerate(arrays.values())})
     out["json"] = _build("music_ranked", {"prompt": prompt, "scores": [float(x) for x in scores],
                                           "scorers": list(scorers or []), "provenance": _prov(provenance), **extra})
     return out

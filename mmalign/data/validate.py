@@ -22,7 +22,7 @@ from mmalign.data.cache import list_caches
 from mmalign.data.deps import require
 from mmalign.data.manifest import MANIFEST_NAME, ManifestError, load_manifest
 from mmalign.data.safety import UnsafeSourceError, check_shard_file, safe_join
-from mmalign.data.schemas import IMAGE_FORMATS, SampleError, check_key, check_sample, load_npy
+from mmalign.data.schemas import IMAGE_FORMATS, SampleError, check_code_arrays, check_key, check_sample, load_npy
 from mmalign.data.tario import HashingReader, iter_samples
 
 
@@ -101,8 +101,6 @@ def _check_audio(data: bytes, suffix: str) -> None:
 
 def decode_media(schema: str, files: dict[str, bytes], lay: dict[str, Any], meta: Any) -> None:
     """Decode every media member of one sample; raises SampleError naming the member."""
-    import numpy as np
-
     for suffix in list(lay.get("images", [])) + list(lay.get("rejected_images", [])):
         _check_image(files[suffix], suffix)
     if schema == "video_pair":
@@ -111,32 +109,13 @@ def decode_media(schema: str, files: dict[str, bytes], lay: dict[str, Any], meta
             want = getattr(meta, f"num_frames_{side}")
             if n != want:
                 raise SampleError(f"{lay[side]}: decodes to {n} frames, metadata num_frames_{side} says {want}")
-    if schema == "music_ranked":
-        _check_music_ranked(files, lay)
+    if schema in ("music_pair", "music_ranked"):
+        members = lay["items"] if schema == "music_ranked" else [lay["chosen"], lay["rejected"]]
+        check_code_arrays({m: load_npy(files[m]) for m in members})
     if schema == "music_pair":
-        shapes = []
         for side in ("chosen", "rejected"):
-            arr = load_npy(files[lay[side]])
-            if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
-                raise SampleError(f"{lay[side]}: must be an integer array [K, T], got {arr.dtype} {arr.shape}")
-            shapes.append(arr.shape)
             if lay[f"{side}_audio"]:
                 _check_audio(files[lay[f"{side}_audio"]], lay[f"{side}_audio"])
-        if shapes[0][0] != shapes[1][0]:
-            raise SampleError(f"chosen.npy and rejected.npy have different codebook counts: {shapes}")
-
-
-def _check_music_ranked(files: dict[str, bytes], lay: dict[str, Any]) -> None:
-    import numpy as np
-
-    ks = []
-    for suffix in lay["items"]:
-        arr = load_npy(files[suffix])
-        if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
-            raise SampleError(f"{suffix}: must be an integer array [K, T], got {arr.dtype} {arr.shape}")
-        ks.append(arr.shape[0])
-    if len(set(ks)) != 1:
-        raise SampleError(f"the code arrays have different codebook counts K: {ks}")
 
 
 def validate_shards(root: str | os.PathLike, *, decode: bool = True, progress: bool | None = None,
