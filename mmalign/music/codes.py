@@ -42,36 +42,37 @@ def code_problem(codes: Tensor, num_codebooks: int, vocab_size: int, frames: Opt
     return None
 
 
-class CheckedMusicPairDataset(MusicPairDataset):
-    """`MusicPairDataset` for one model: a sample whose chosen or rejected codes the model cannot score
-    (`code_problem`) is skipped and counted like a corrupt one (stage `decode`; `strict=True`: an error naming the
-    shard and key)."""
+class _ModelCodes:
+    """Reader mixin: the codebook count and vocabulary of the model the codes are read for, and the check that
+    turns a code array it cannot score (`code_problem`) into a corrupt sample (skipped and counted, stage `decode`;
+    `strict=True`: an error naming the shard and key)."""
 
     def __init__(self, source, *, num_codebooks: int, vocab_size: int, **kwargs: Any):
         super().__init__(source, **kwargs)
         self.num_codebooks, self.vocab_size = int(num_codebooks), int(vocab_size)
 
+    def _check_codes(self, named: dict[str, Tensor]) -> None:
+        for name, codes in named.items():
+            problem = code_problem(codes, self.num_codebooks, self.vocab_size)
+            if problem is not None:
+                raise SampleError(f"{name} codes: {problem}")
+
+
+class CheckedMusicPairDataset(_ModelCodes, MusicPairDataset):
+    """`MusicPairDataset` for one model: a sample whose chosen or rejected codes the model cannot score is skipped
+    and counted like a corrupt one (`_ModelCodes`)."""
+
     def _decode(self, raw, lay, meta, epoch):
         out = super()._decode(raw, lay, meta, epoch)
-        for side in ("chosen", "rejected"):
-            problem = code_problem(out[f"{side}_codes"], self.num_codebooks, self.vocab_size)
-            if problem is not None:
-                raise SampleError(f"{side} codes: {problem}")
+        self._check_codes({side: out[f"{side}_codes"] for side in ("chosen", "rejected")})
         return out
 
 
-class CheckedMusicRankedDataset(MusicRankedDataset):
+class CheckedMusicRankedDataset(_ModelCodes, MusicRankedDataset):
     """`MusicRankedDataset` for one model: a list with any code array the model cannot score is skipped and counted
-    like a corrupt sample (`strict=True`: an error naming the shard and key)."""
-
-    def __init__(self, source, *, num_codebooks: int, vocab_size: int, **kwargs: Any):
-        super().__init__(source, **kwargs)
-        self.num_codebooks, self.vocab_size = int(num_codebooks), int(vocab_size)
+    like a corrupt sample (`_ModelCodes`)."""
 
     def _decode(self, raw, lay, meta, epoch):
         out = super()._decode(raw, lay, meta, epoch)
-        for j, codes in enumerate(out["codes"]):
-            problem = code_problem(codes, self.num_codebooks, self.vocab_size)
-            if problem is not None:
-                raise SampleError(f"item {j} codes: {problem}")
+        self._check_codes({f"item {j}": codes for j, codes in enumerate(out["codes"])})
         return out
