@@ -18,6 +18,10 @@ BENCH_COMMANDS: dict[str, tuple[str, str]] = {
     "toy-video": ("mmalign.flow.proof",
                   "Flow-DPO, Flow-RWR and SFT (offline pairs and online) on the video toy world over several seeds: "
                   "per-dimension gains, win rates and drift from the base"),
+    "toy-video-sweep": ("mmalign.flow.sweep",
+                        "the video world's fair method table: sft, flow_dpo, flow_rwr and online Flow-DPO each with a "
+                        "small sweep (beta or tau x 2 lr) chosen on validation prompts, reported on held-out prompts "
+                        "over 3 seeds"),
     "toy-music": ("mmalign.music.proof",
                   "DPO and SFT (the control) on the token-music toy world over several seeds: pattern adherence and "
                   "quality gains, win rates and drift from the base at equal seeds"),

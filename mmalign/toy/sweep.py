@@ -33,7 +33,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -119,21 +119,21 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-class UNetPasses:
-    """Counts UNet sample-passes in this process while open: a forward hook on every `UNet2DConditionModel` call
-    adds its batch size to `grad` (autograd on) or `no_grad`."""
+class ModelPasses:
+    """Counts the sample-passes of models of the given classes in this process while open: a forward hook on every
+    call of such a model adds its batch size to `grad` (autograd on) or `no_grad`."""
 
-    def __init__(self) -> None:
+    def __init__(self, *classes: type) -> None:
+        self.classes = classes
         self.grad = 0
         self.no_grad = 0
 
-    def __enter__(self) -> "UNetPasses":
+    def __enter__(self) -> "ModelPasses":
         import torch
-        from diffusers import UNet2DConditionModel
 
         def hook(module, args, output) -> None:
-            if isinstance(module, UNet2DConditionModel):
-                n = int(output[0].shape[0])
+            if isinstance(module, self.classes):
+                n = int((output if isinstance(output, torch.Tensor) else output[0]).shape[0])
                 if torch.is_grad_enabled():
                     self.grad += n
                 else:
@@ -150,14 +150,49 @@ class UNetPasses:
         return self.no_grad + 3 * self.grad
 
 
+class UNetPasses(ModelPasses):
+    """`ModelPasses` of every `UNet2DConditionModel`."""
+
+    def __init__(self) -> None:
+        from diffusers import UNet2DConditionModel
+
+        super().__init__(UNet2DConditionModel)
+
+
 def grid(method: str) -> list[dict]:
     """The (β, lr) settings of a method's sweep, β None for SFT."""
     return [{"beta": b, "lr": lr} for b in BETAS[method] for lr in LRS]
 
 
+KNOB_SYMBOLS = {"beta": "β", "temperature": "τ"}
+
+
 def setting_name(setting: dict) -> str:
-    beta = "" if setting["beta"] is None else f"β {setting['beta']:g}, "
-    return f"{beta}lr {setting['lr']:g}"
+    """'β 2000, lr 0.0005': a setting's knobs (`KNOB_SYMBOLS`; None ones left out), then its lr."""
+    knobs = [f"{KNOB_SYMBOLS[k]} {v:g}, " for k, v in setting.items() if k in KNOB_SYMBOLS and v is not None]
+    return f"{''.join(knobs)}lr {setting['lr']:g}"
+
+
+def choose_and_report(methods: list[str], grids: dict[str, list[dict]], n_seeds: int,
+                      train_run: Callable[[str, dict, int, str], dict],
+                      evaluate: Callable[[str, str, str], dict]) -> tuple[list[dict], dict[str, dict]]:
+    """The sweep's protocol, for any world. Per method: `train_run(method, setting, 0, "val")` at every setting of
+    its grid; the one with the highest validation `reward_gain` is chosen; that run's LoRA (seed 0) is evaluated on
+    "heldout" (`evaluate(lora, split, description)`), and seeds 1 .. n_seeds-1 train at the chosen setting and are
+    evaluated there. Returns every row (`split` "val" or "heldout") and the chosen setting per method."""
+    runs: list[dict] = []
+    chosen: dict[str, dict] = {}
+    for method in methods:
+        val_rows = [train_run(method, s, 0, "val") for s in grids[method]]
+        runs.extend(val_rows)
+        best = max(val_rows, key=lambda r: r["reward_gain"])
+        setting = {k: best[k] for k in grids[method][0]}
+        chosen[method] = setting
+        held = evaluate(best["lora"], "heldout", f"{method} seed 0 held-out")
+        runs.append({**{k: v for k, v in best.items() if k not in ("split", "curve")}, **held, "split": "heldout"})
+        for seed in range(1, n_seeds):
+            runs.append(train_run(method, setting, seed, "heldout"))
+    return runs, chosen
 
 
 def sweep(out: Path, base: str, methods: list[str], n_seeds: int, n_prompts: int, k: int, n_val: int, n_eval: int,
@@ -240,19 +275,11 @@ def sweep(out: Path, base: str, methods: list[str], n_seeds: int, n_prompts: int
               f"win rate {final['win_rate']:.3f}, drift {final['drift']:.1f}, {final['seconds']:.0f} s")
         return row
 
-    runs: list[dict] = []
-    chosen: dict[str, dict] = {}
-    for method in methods:
-        val_rows = [train_run(method, s, 0, "val", []) for s in grid(method)]
-        runs.extend(val_rows)
-        best = max(val_rows, key=lambda r: r["reward_gain"])
-        setting = {"beta": best["beta"], "lr": best["lr"]}
-        chosen[method] = setting
-        held = evaluate(best["lora"], "heldout", f"{method} seed 0 held-out")
-        runs.append({**{k_: v for k_, v in best.items() if k_ not in ("split", "curve")}, **held,
-                     "split": "heldout"})
-        for seed in range(1, n_seeds):
-            runs.append(train_run(method, setting, seed, "heldout", stages if method in curve_methods else []))
+    def run_one(method: str, setting: dict, seed: int, split: str) -> dict:
+        return train_run(method, setting, seed, split, stages if split == "heldout" and method in curve_methods
+                         else [])
+
+    runs, chosen = choose_and_report(methods, {m: grid(m) for m in methods}, n_seeds, run_one, evaluate)
 
     _, _, base_heldout = splits["heldout"]
     base_total = ex.rewards(base_heldout, splits["heldout"][0])["total"]
@@ -320,9 +347,12 @@ def spo_config(run_dir: Path, base: str, seed: int, prompts: str, spm: str, over
     return load_train_config(None, keep, defaults=recipe, source="<bench toy-sweep SPO recipe>")
 
 
-def summarize(runs: list[dict], chosen: dict, base_total: np.ndarray) -> dict:
-    """Per method, over its held-out seeds: [mean, sd] of gains, win rate, drift, seconds and forward-equivalents,
-    and the win rate of all seeds' comparisons pooled (with its 95% CI)."""
+GAINS = (("reward_gain", "reward gain"), ("color_gain", "colour gain"))  # the image world's reported gains
+
+
+def summarize(runs: list[dict], chosen: dict, base_total: np.ndarray, gains=GAINS) -> dict:
+    """Per method, over its held-out seeds: [mean, sd] of the `gains` keys, win rate, drift, seconds and
+    forward-equivalents, and the win rate of all seeds' comparisons pooled (with its 95% CI)."""
     from mmalign.toy import experiment as ex
 
     out = {}
@@ -330,7 +360,7 @@ def summarize(runs: list[dict], chosen: dict, base_total: np.ndarray) -> dict:
         rows = [r for r in runs if r["method"] == method and r["split"] == "heldout"]
         s = {key: [float(np.mean([r[key] for r in rows])),
                    float(np.std([r[key] for r in rows], ddof=1)) if len(rows) > 1 else 0.0]
-             for key in ("reward_gain", "color_gain", "win_rate", "drift", "seconds", "forward_equivalents")}
+             for key in (*(k for k, _ in gains), "win_rate", "drift", "seconds", "forward_equivalents")}
         pooled = ex.win_rate(np.concatenate([r["aligned_total"] for r in rows]),
                              np.tile(base_total, len(rows)))
         s["win_rate_pooled"] = {"value": pooled["value"], "ci95": pooled["ci95"], "n": pooled["n"]}
@@ -339,22 +369,26 @@ def summarize(runs: list[dict], chosen: dict, base_total: np.ndarray) -> dict:
     return out
 
 
-def markdown_tables(summary: dict, runs: list[dict], chosen: dict, n_seeds: int) -> str:
+def markdown_tables(summary: dict, runs: list[dict], chosen: dict, n_seeds: int, gains=GAINS,
+                    model: str = "UNet") -> str:
+    """The held-out table (one row per method: chosen setting, `gains`, pooled win rate, drift, training seconds
+    and `model` forward-equivalents) and the validation table (every run of the sweep)."""
+    heads = " | ".join(h for _, h in gains)
     lines = [f"Held-out split, chosen setting, mean ± sd over {n_seeds} seeds (win rate: all seeds' comparisons "
              "pooled, 95% CI):", "",
-             "| method | chosen on validation | reward gain | colour gain | win rate vs base | drift (RGB) | "
-             "train s | UNet fwd-equiv. |", "|---|---|---|---|---|---|---|---|"]
+             f"| method | chosen on validation | {heads} | win rate vs base | drift (RGB) | train s | "
+             f"{model} fwd-equiv. |", "|---|---|" + "---|" * len(gains) + "---|---|---|---|"]
     for method, s in summary.items():
         w = s["win_rate_pooled"]
-        lines.append(f"| {method} | {setting_name(s['setting'])} | {s['reward_gain'][0]:+.3f} ± "
-                     f"{s['reward_gain'][1]:.3f} | {s['color_gain'][0]:+.3f} ± {s['color_gain'][1]:.3f} | "
+        cells = " | ".join(f"{s[k][0]:+.3f} ± {s[k][1]:.3f}" for k, _ in gains)
+        lines.append(f"| {method} | {setting_name(s['setting'])} | {cells} | "
                      f"{w['value']:.3f} ({w['ci95'][0]:.3f}–{w['ci95'][1]:.3f}) | {s['drift'][0]:.1f} ± "
                      f"{s['drift'][1]:.1f} | {s['seconds'][0]:.0f} | {s['forward_equivalents'][0] / 1e3:.0f}k |")
     lines += ["", "Validation split, seed 0, every setting (reward gain / win rate / drift; * chosen):", "",
               "| method | setting | reward gain | win rate | drift |", "|---|---|---|---|---|"]
     for r in runs:
         if r["split"] == "val":
-            mark = " *" if {"beta": r["beta"], "lr": r["lr"]} == chosen[r["method"]] else ""
+            mark = " *" if all(r[k] == v for k, v in chosen[r["method"]].items()) else ""
             lines.append(f"| {r['method']} | {setting_name(r)}{mark} | {r['reward_gain']:+.3f} | "
                          f"{r['win_rate']:.3f} | {r['drift']:.1f} |")
     return "\n".join(lines)
@@ -372,8 +406,9 @@ def compute_to_reach(curve: list[dict], target: float, key: str = "forward_equiv
     return None
 
 
-def plot_compute(heldout: list[dict], pool_passes: int, path: Path) -> None:
-    """Held-out reward gain against training compute (UNet forward-equivalents), one line per staged run."""
+def plot_compute(heldout: list[dict], pool_passes: int, path: Path, model: str = "UNet",
+                 world: str = "toy world") -> None:
+    """Held-out reward gain against training compute (`model` forward-equivalents), one line per staged run."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -390,9 +425,9 @@ def plot_compute(heldout: list[dict], pool_passes: int, path: Path) -> None:
                 label=r["method"] if r["method"] not in ax.get_legend_handles_labels()[1] else None)
     ax.axhline(0.0, color="grey", lw=0.8)
     ax.set_xlim(left=0)
-    ax.set_xlabel("training compute (thousand UNet forward-equivalents, samples)")
+    ax.set_xlabel(f"training compute (thousand {model} forward-equivalents, samples)")
     ax.set_ylabel("held-out ground-truth reward gain")
-    ax.set_title(f"toy world: gain vs compute (shared pool: {pool_passes / 1e3:.0f}k passes)", fontsize=9)
+    ax.set_title(f"{world}: gain vs compute (shared pool: {pool_passes / 1e3:.0f}k passes)", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)

@@ -216,18 +216,21 @@ def all_video_prompts() -> list[str]:
     ]
 
 
-def video_prompt_seed_pairs(split: Literal["train", "heldout"], n: int) -> list[tuple[str, int]]:
-    """`n` deterministic (prompt, seed) pairs of a split: pair i is ``(all_video_prompts()[i % 60], 2*i + k)``.
+def video_prompt_seed_pairs(split: Literal["train", "heldout", "val"], n: int) -> list[tuple[str, int]]:
+    """`n` deterministic (prompt, seed) pairs of a split: pair i is ``(all_video_prompts()[i % 60], seed_i)``.
 
-    k = 0 for "train" and 1 for "heldout": the splits never share a seed, and both cycle through all 60 prompts
-    evenly. The seed is meant for the sampler's noise and for ``sample_clip(seed, caption=prompt)`` when a
-    reference clip is wanted.
+    seed_i is ``2*i`` for "train" and ``2*i + 1`` for "heldout", and ``2**32 - 1 - i`` for "val" (the split settings
+    are chosen on, as the image world's `prompt_seed_pairs`): the splits never share a seed (for fewer than 2**31
+    pairs), and all three cycle through all 60 prompts evenly. The seed is meant for the sampler's noise and for
+    ``sample_clip(seed, caption=prompt)`` when a reference clip is wanted.
     """
-    if split not in ("train", "heldout"):
-        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    if split not in ("train", "heldout", "val"):
+        raise ValueError(f"split must be 'train', 'heldout' or 'val', got {split!r}")
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     prompts = all_video_prompts()
+    if split == "val":
+        return [(prompts[i % len(prompts)], 2**32 - 1 - i) for i in range(n)]
     k = 0 if split == "train" else 1
     return [(prompts[i % len(prompts)], 2 * i + k) for i in range(n)]
 
