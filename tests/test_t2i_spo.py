@@ -151,6 +151,28 @@ def test_the_resampler_keeps_pairs_above_the_threshold_and_continues_from_a_rand
         {(r["prompt_index"], r["step_index"]) for r in rows if r["gap"] > 0.2}
 
 
+def test_the_resampler_reuses_the_picked_candidates_prediction_and_changes_nothing_by_it():
+    from mmalign.selfgen.spo import _resample
+    from mmalign.toy.sweep import UNetPasses
+
+    adapter = _adapter()
+    cfg = SPOSamplingConfig(num_inference_steps=8, guidance_scale=3.0, k=3, divert_start=2, threshold=0.0,
+                            score_scale=1.0, seed=0)
+    seeds, runs = [11, 12, 13, 14], {}
+    for reuse in (True, False):
+        with torch.no_grad(), UNetPasses() as passes:
+            runs[reuse] = (_resample(adapter, _Scores(), PROMPTS, seeds, cfg, None, reuse_picked=reuse), passes)
+    (reused, fewer), (full, more) = runs[True], runs[False]
+    assert [(r["prompt_index"], r["step_index"]) for r in reused] == [(r["prompt_index"], r["step_index"])
+                                                                     for r in full]
+    for a, b in zip(reused, full):
+        for key in ("x_t", "x_w", "x_l"):
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+    # branching steps 2..6 (step 7's next timestep is below 0); each saves one guided pass of 4 prompts (x2: CFG)
+    branching = len({r["step_index"] for r in full})
+    assert branching == 5 and more.no_grad - fewer.no_grad == branching * len(PROMPTS) * 2
+
+
 def test_selfgen_spo_resumes_and_writes_the_same_shards(tmp_path, monkeypatch):
     import mmalign.selfgen.spo as spo
 

@@ -123,7 +123,10 @@ def resample(adapter, scorer: Callable, prompts: Sequence[str], seeds: Sequence[
         return _resample(adapter, scorer, prompts, seeds, cfg, scheduler)
 
 
-def _resample(adapter, scorer, prompts, seeds, cfg, scheduler) -> list[dict[str, Any]]:
+def _resample(adapter, scorer, prompts, seeds, cfg, scheduler, reuse_picked: bool = True) -> list[dict[str, Any]]:
+    """`resample`'s loop. The candidates' predictions at `prev_t` (computed to score them) are also the next step's
+    prediction of the candidate the trajectory continues from, so the next step reuses them (`reuse_picked`: one
+    UNet pass of n prompts saved per branching step; off only to test that reuse changes nothing)."""
     import torch
     from mmalign.samplers.ddim import ddim_step_with_logprob
     from mmalign.samplers.diffusion import predicted_x0
@@ -143,9 +146,14 @@ def _resample(adapter, scorer, prompts, seeds, cfg, scheduler) -> list[dict[str,
     time_ids = _time_ids(a, n, shape)
     stride = sched.config.num_train_timesteps // cfg.num_inference_steps
     rows: list[dict[str, Any]] = []
+    picked: tuple[int, Tensor] | None = None  # (its timestep, the picked candidates' prediction there)
     for i, t in enumerate(sched.timesteps):
         t_vec = t.expand(n).to(device)
-        pred = guided_prediction(a, unet, x, t_vec, cond, uncond, g_vec, time_ids)
+        if picked is not None and picked[0] == int(t):
+            pred = picked[1]
+        else:
+            pred = guided_prediction(a, unet, x, t_vec, cond, uncond, g_vec, time_ids)
+        picked = None
         prev_t = int(t) - stride
         step = ddim_step_with_logprob(sched, pred, t_vec, x, eta=cfg.eta, generator=_cpu_draws(gens))
         deterministic = bool((step.std == 0).any())
@@ -176,6 +184,8 @@ def _resample(adapter, scorer, prompts, seeds, cfg, scheduler) -> list[dict[str,
                              "scores_l": float(scores[worst[b], b]), "gap": float(gap[b])})
         pick = torch.stack([torch.randint(k, (1,), generator=g) for g in gens]).view(-1)  # uniform, per prompt
         x = stacked[pick, torch.arange(n)]
+        if reuse_picked:
+            picked = (prev_t, pred_c.view(k, n, *pred_c.shape[1:])[pick, torch.arange(n)])
     return rows
 
 
