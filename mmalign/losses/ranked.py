@@ -67,12 +67,7 @@ def ranked_dpo_loss(
         the batch), ``ranked/prompts_with_pairs``, ``mse/policy`` and ``mse/ref`` (mean errors). Pair metrics
         of a batch without pairs are 0.
     """
-    fn = "ranked_dpo_loss"
-    check_shapes(fn, ("err", "ref_err", "scores"), (err, ref_err, scores), "BK")
-    if err.shape[1] < 2:
-        raise ValueError(f"{fn}: need K >= 2 items per prompt, got err {tuple(err.shape)}")
-    beta = check_positive(fn, "beta", beta)
-    check_choice(fn, "weighting", weighting, RANKED_WEIGHTINGS)
+    beta = _check_ranked("ranked_dpo_loss", ("err", "ref_err", "scores"), (err, ref_err, scores), beta, weighting)
     # scores only decide the order; they do not set the compute dtype
     dtype = compute_dtype(err, ref_err)
     e, r = err.to(dtype), ref_err.to(dtype)
@@ -110,17 +105,24 @@ def ranked_sequence_dpo_loss(
         ``ranked/num_pairs``, ``ranked/prompts_with_pairs``, ``logps/policy`` and ``logps/ref`` (mean
         log-likelihoods).
     """
-    fn = "ranked_sequence_dpo_loss"
-    check_shapes(fn, ("logps", "ref_logps", "scores"), (logps, ref_logps, scores), "BK")
-    if logps.shape[1] < 2:
-        raise ValueError(f"{fn}: need K >= 2 sequences per prompt, got logps {tuple(logps.shape)}")
-    beta = check_positive(fn, "beta", beta)
-    check_choice(fn, "weighting", weighting, RANKED_WEIGHTINGS)
+    beta = _check_ranked("ranked_sequence_dpo_loss", ("logps", "ref_logps", "scores"), (logps, ref_logps, scores),
+                         beta, weighting)
     dtype = compute_dtype(logps, ref_logps)
     lp, r = logps.to(dtype), ref_logps.to(dtype)
     loss, metrics = _ranked_pairwise(lp - r, scores.detach(), beta, weighting, dtype)
     metrics.update({"logps/policy": lp.mean(), "logps/ref": r.mean()})
     return loss, detached(metrics)
+
+
+def _check_ranked(fn: str, names: tuple[str, str, str], tensors: tuple[torch.Tensor, ...], beta: float,
+                  weighting: str) -> float:
+    """Both ranked losses' argument checks: three (B, K) tensors with K >= 2, β > 0, a known weighting. Returns β."""
+    check_shapes(fn, names, tensors, "BK")
+    if tensors[0].shape[1] < 2:
+        raise ValueError(f"{fn}: need K >= 2 items per prompt, got {names[0]} {tuple(tensors[0].shape)}")
+    beta = check_positive(fn, "beta", beta)
+    check_choice(fn, "weighting", weighting, RANKED_WEIGHTINGS)
+    return beta
 
 
 def _ranked_pairwise(s: torch.Tensor, sc: torch.Tensor, scale: float, weighting: str,
