@@ -11,6 +11,7 @@ import argparse
 import importlib
 import sys
 from dataclasses import dataclass
+from typing import Sequence
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,15 @@ def _load(sub: Subcommand):
         if err.name == sub.module or sub.module.startswith(f"{err.name}."):
             return None
         raise
+
+
+def comma_choices(flag: str, text: str, valid: Sequence[str], allow_empty: bool = False) -> list[str]:
+    """A command's comma-separated subset of `valid` (`"dpo, sft"` -> `["dpo", "sft"]`). ValueError naming the
+    flag, what it got and what is valid when it names anything else, or nothing (unless `allow_empty`)."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if any(n not in valid for n in names) or not (names or allow_empty):
+        raise ValueError(f"{flag} {text!r}: valid are {', '.join(valid)}")
+    return names
 
 
 def add_nested_commands(parser: argparse.ArgumentParser, table: dict[str, tuple[str, str]], dest: str) -> None:

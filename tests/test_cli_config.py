@@ -179,3 +179,13 @@ def test_cli_drops_only_the_torchvision_fallback_warning(capsys, caplog):
         log.warning("something else")
     messages = [r.getMessage() for r in caplog.records]
     assert messages == ["something else"]
+
+
+def test_comma_choices_parses_a_subset_and_names_the_flag_and_the_valid_values_otherwise():
+    from mmalign.cli import comma_choices
+
+    assert comma_choices("--methods", " dpo, sft ,", ("sft", "dpo")) == ["dpo", "sft"]
+    assert comma_choices("--curve-methods", "", ("sft",), allow_empty=True) == []
+    for bad in ("ppo", "dpo,ppo", "", " , "):
+        with pytest.raises(ValueError, match=r"--methods '.*': valid are sft, dpo$"):
+            comma_choices("--methods", bad, ("sft", "dpo"))

@@ -82,10 +82,12 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, name) < (2 if name in ("eval_prompts", "rm_heldout") else 1):
             print(f"mmalign eval reward-toy: --{name.replace('_', '-')} is too small", file=sys.stderr)
             return 2
-    conditions = [c.strip() for c in args.conditions.split(",") if c.strip()]
-    if not conditions or any(c not in CONDITIONS for c in conditions):
-        print(f"mmalign eval reward-toy: --conditions {args.conditions!r}: choose from {', '.join(CONDITIONS)}",
-              file=sys.stderr)
+    from mmalign.cli import comma_choices
+
+    try:
+        conditions = comma_choices("--conditions", args.conditions, CONDITIONS)
+    except ValueError as err:
+        print(f"mmalign eval reward-toy: {err}", file=sys.stderr)
         return 2
     if args.images_per_prompt < 2:
         print("mmalign eval reward-toy: --images-per-prompt must be at least 2", file=sys.stderr)

@@ -83,11 +83,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    conditions = [c.strip() for c in args.conditions.split(",") if c.strip()]
-    bad = [c for c in conditions if c not in CONDITIONS]
-    if bad or not conditions:
-        print(f"mmalign bench toy-video: --conditions {args.conditions!r}: valid are {', '.join(CONDITIONS)}",
-              file=sys.stderr)
+    from mmalign.cli import comma_choices
+
+    try:
+        conditions = comma_choices("--conditions", args.conditions, CONDITIONS)
+    except ValueError as err:
+        print(f"mmalign bench toy-video: {err}", file=sys.stderr)
         return 2
     if args.seeds < 1 or args.pairs < 8 or args.eval_prompts < 2:
         print("mmalign bench toy-video: need --seeds >= 1, --pairs >= 8, --eval-prompts >= 2", file=sys.stderr)

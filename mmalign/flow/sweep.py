@@ -71,9 +71,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"mmalign bench toy-video-sweep: {message}", file=sys.stderr)
         return 2
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if not methods or any(m not in METHODS for m in methods):
-        return fail(f"--methods {args.methods!r}: valid methods are {', '.join(METHODS)}")
+    from mmalign.cli import comma_choices
+
+    try:
+        methods = comma_choices("--methods", args.methods, METHODS)
+    except ValueError as err:
+        return fail(str(err))
     if args.seeds < 1 or args.pairs < 8 or args.val_prompts < 2 or args.eval_prompts < 2:
         return fail("need --seeds >= 1, --pairs >= 8 and --val-prompts / --eval-prompts >= 2")
     if not (Path(args.base) / "model_index.json").is_file():

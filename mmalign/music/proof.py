@@ -94,11 +94,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    conditions = [c.strip() for c in args.conditions.split(",") if c.strip()]
-    bad = [c for c in conditions if c not in CONDITIONS]
-    if bad or not conditions:
-        print(f"mmalign bench toy-music: --conditions {args.conditions!r}: valid are {', '.join(CONDITIONS)}",
-              file=sys.stderr)
+    from mmalign.cli import comma_choices
+
+    try:
+        conditions = comma_choices("--conditions", args.conditions, CONDITIONS)
+    except ValueError as err:
+        print(f"mmalign bench toy-music: {err}", file=sys.stderr)
         return 2
     if args.seeds < 1 or args.prompts < 2 or args.samples_per_prompt < 2 or args.eval_prompts < 2 \
             or args.gen_batch < 1 or args.rm_steps < 1:

@@ -39,10 +39,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in METHODS]
-    if bad or not methods:
-        print(f"mmalign bench toy: --methods {args.methods!r}: valid methods are {', '.join(METHODS)}", file=sys.stderr)
+    from mmalign.cli import comma_choices
+
+    try:
+        methods = comma_choices("--methods", args.methods, METHODS)
+    except ValueError as err:
+        print(f"mmalign bench toy: {err}", file=sys.stderr)
         return 2
     if args.seeds < 1:
         print("mmalign bench toy: --seeds must be at least 1", file=sys.stderr)

@@ -95,12 +95,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"mmalign bench toy-sweep: {message}", file=sys.stderr)
         return 2
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    curve = [m.strip() for m in args.curve_methods.split(",") if m.strip()]
-    bad = [m for m in methods + curve if m not in METHODS]
-    if bad or not methods:
-        return fail(f"--methods {args.methods!r} / --curve-methods {args.curve_methods!r}: valid methods are "
-                    f"{', '.join(METHODS)}")
+    from mmalign.cli import comma_choices
+
+    try:
+        methods = comma_choices("--methods", args.methods, METHODS)
+        curve = comma_choices("--curve-methods", args.curve_methods, METHODS, allow_empty=True)
+    except ValueError as err:
+        return fail(str(err))
     try:
         stages = sorted({int(s) for s in args.curve_steps.split(",") if s.strip()})
     except ValueError:
