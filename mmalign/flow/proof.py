@@ -69,17 +69,23 @@ RM_RECIPE = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/bench-toy-video", help="output folder")
-    parser.add_argument("--base", default=str(BASE_MODEL), help="base pipeline folder (default: assets/toy/video)")
     parser.add_argument("--conditions", default=",".join(CONDITIONS), help=f"comma-separated subset of {CONDITIONS}")
     parser.add_argument("--seeds", type=int, default=3, help="training seeds per condition (default 3)")
-    parser.add_argument("--pairs", type=int, default=480, help="annotator-labelled pairs of base clips")
     parser.add_argument("--eval-prompts", type=int, default=240)
-    parser.add_argument("--sample-steps", type=int, default=20, help="Euler steps of every generated clip")
-    parser.add_argument("--rm-steps", type=int, default=RM_RECIPE["train"]["max_steps"])
-    parser.add_argument("--online-steps", type=int, default=60, help="optimizer steps of the online conditions")
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    add_world_arguments(parser)
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="override the shared offline recipe (e.g. train.max_steps=100 method.beta=1000)")
+
+
+def add_world_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of the video toy world's data, reward model and online runs, shared with `toy-video-sweep`."""
+    parser.add_argument("--base", default=str(BASE_MODEL), help="base pipeline folder (default: assets/toy/video)")
+    parser.add_argument("--pairs", type=int, default=480, help="annotator-labelled pairs of base clips")
+    parser.add_argument("--sample-steps", type=int, default=20, help="Euler steps of every generated clip")
+    parser.add_argument("--rm-steps", type=int, default=RM_RECIPE["train"]["max_steps"],
+                        help="the learned video reward model's training steps (default %(default)s)")
+    parser.add_argument("--online-steps", type=int, default=60, help="optimizer steps of online Flow-DPO")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -214,6 +220,39 @@ def reward_model_accuracy(folder: str, shards: Path) -> dict:
     return {d: right[d] / max(total[d], 1) for d in DIMS} | {"decided": total}
 
 
+def prepare_data(out: Path, pipe, n_pairs: int, steps: int, rm_steps: int, with_reward_model: bool,
+                 progress: bool) -> tuple[dict, str | None]:
+    """The world's data under `out`, each stage reused when its record is in OUT/data/data.json: the labelled
+    training pairs (`data/pairs`), the online runs' prompts (`data/prompts.txt`) and, `with_reward_model`, held-out
+    pairs (`data/rm_heldout`) and the learned reward model trained on the training pairs with its held-out accuracy.
+    Returns the record and the reward model's folder (None without it)."""
+    from mmalign.toy.video import video_prompt_seed_pairs
+
+    data = out / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    info_path = data / "data.json"
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    if "train" not in info:
+        t0 = time.perf_counter()
+        info["train"] = write_pairs(data / "pairs", pipe, n_pairs, steps, "train", 0, progress)
+        info["train"]["seconds"] = round(time.perf_counter() - t0, 1)
+    (data / "prompts.txt").write_text("\n".join(p for p, _ in video_prompt_seed_pairs("train", 60)) + "\n")
+    rm = None
+    if with_reward_model:
+        if "heldout_rm" not in info:
+            info["heldout_rm"] = write_pairs(data / "rm_heldout", pipe, max(60, n_pairs // 4), steps, "heldout", 1,
+                                             progress)
+        if "reward_model" not in info:
+            t0 = time.perf_counter()
+            folder = train_reward_model(out / "reward_model_run", data / "pairs", rm_steps, n_pairs, progress)
+            info["reward_model"] = {"folder": folder, "seconds": round(time.perf_counter() - t0, 1),
+                                    "heldout_accuracy": reward_model_accuracy(folder, data / "rm_heldout")}
+        print(f"learned video reward model: held-out accuracy {info['reward_model']['heldout_accuracy']}")
+        rm = info["reward_model"]["folder"]
+    info_path.write_text(json.dumps(info, indent=2) + "\n")
+    return info, rm
+
+
 def condition_config(condition: str, out: Path, base: str, seed: int, shards: Path, prompts: Path,
                      rm: str | None, online_steps: int, overrides: list[str]):
     """The recipe with this condition's changes and this run's paths, validated (overrides last)."""
@@ -244,7 +283,7 @@ def condition_config(condition: str, out: Path, base: str, seed: int, shards: Pa
 
 def bench(out: Path, base: str, conditions: list[str], n_seeds: int, n_pairs: int, n_eval: int, steps: int,
           rm_steps: int, online_steps: int, overrides: list[str], progress: bool = True) -> dict:
-    from mmalign.toy.video import save_clip_gif, save_clip_strip, video_prompt_seed_pairs
+    from mmalign.toy.video import video_prompt_seed_pairs
     from mmalign.toy.video_pipeline import ToyVideoPipeline
     from mmalign.train.trainer import train
 
@@ -256,25 +295,8 @@ def bench(out: Path, base: str, conditions: list[str], n_seeds: int, n_pairs: in
         raise SystemExit(f"{out} holds a bench with other settings ({stamp}); use another --out")
     stamp.write_text(json.dumps(settings, indent=2) + "\n")
     pipe = ToyVideoPipeline.from_pretrained(base)
-    data = out / "data"
-    info_path = data / "data.json"
-    if info_path.is_file():
-        info = json.loads(info_path.read_text())
-    else:
-        info = {"train": write_pairs(data / "pairs", pipe, n_pairs, steps, "train", 0, progress),
-                "heldout_rm": write_pairs(data / "rm_heldout", pipe, max(60, n_pairs // 4), steps, "heldout", 1,
-                                          progress)}
-        data.mkdir(exist_ok=True)
-        info_path.write_text(json.dumps(info, indent=2) + "\n")
-    prompts_file = data / "prompts.txt"
-    prompts_file.write_text("\n".join(p for p, _ in video_prompt_seed_pairs("train", 60)) + "\n")
-    rm = None
-    if "online_learned" in conditions:
-        t0 = time.perf_counter()
-        rm = train_reward_model(out / "reward_model_run", data / "pairs", rm_steps, n_pairs, progress)
-        info["reward_model"] = {"folder": rm, "heldout_accuracy": reward_model_accuracy(rm, data / "rm_heldout"),
-                                "seconds": round(time.perf_counter() - t0, 1)}
-        print(f"learned video reward model: held-out accuracy {info['reward_model']['heldout_accuracy']}")
+    info, rm = prepare_data(out, pipe, n_pairs, steps, rm_steps, "online_learned" in conditions, progress)
+    data, prompts_file = out / "data", out / "data" / "prompts.txt"
 
     heldout = video_prompt_seed_pairs("heldout", n_eval)
     eval_prompts, eval_seeds = [p for p, _ in heldout], [s for _, s in heldout]
@@ -315,15 +337,24 @@ def bench(out: Path, base: str, conditions: list[str], n_seeds: int, n_pairs: in
     (out / "bench.md").write_text(f"# mmalign bench toy-video\n\n{table}\n")
     plot(runs, out / "bench.png")
     best = max(summary, key=lambda c: summary[c]["TA"][0])
-    best_clips = np.load(out / "runs" / f"{best}-seed0" / "eval_clips.npy")
-    k = len(best_clips)
-    both = np.stack([base_clips[:k], best_clips], 1).reshape(2 * k, *best_clips.shape[1:])
-    save_clip_gif(both, str(out / "samples.gif"), ncol=8, scale=3)
-    shown = min(16, len(both))
-    save_clip_strip(both[:shown], str(out / "samples.png"), scale=3,
-                    captions=[f"{'base' if j % 2 == 0 else best}: {eval_prompts[j // 2]}" for j in range(shown)])
+    save_samples(out, base_clips, np.load(out / "runs" / f"{best}-seed0" / "eval_clips.npy"), eval_prompts, best,
+                 strip=16)
     report["table"] = table
     return report
+
+
+def save_samples(out: Path, base_clips: np.ndarray, clips: np.ndarray, prompts: list[str], label: str,
+                 strip: int) -> None:
+    """OUT/samples.gif (every clip of `clips` beside the base's at the same prompt and seed) and OUT/samples.png
+    (the first `strip` clips of those pairs, captioned)."""
+    from mmalign.toy.video import save_clip_gif, save_clip_strip
+
+    k = len(clips)
+    both = np.stack([base_clips[:k], clips], 1).reshape(2 * k, *clips.shape[1:])
+    save_clip_gif(both, str(out / "samples.gif"), ncol=8, scale=3)
+    shown = min(strip, len(both))
+    save_clip_strip(both[:shown], str(out / "samples.png"), scale=3,
+                    captions=[f"{'base' if j % 2 == 0 else label}: {prompts[j // 2]}" for j in range(shown)])
 
 
 def summarize(runs: list[dict]) -> dict:

@@ -33,8 +33,6 @@ from pathlib import Path
 
 import numpy as np
 
-from mmalign.flow.proof import BASE_MODEL, RM_RECIPE
-
 METHODS = ("sft", "flow_dpo", "flow_rwr", "online_learned")
 # lr: the toy-video recipe's 2e-4 and the image sweep's 5e-4 (at 1e-3 online Flow-DPO diverged, see proof.RECIPE)
 LRS = (2e-4, 5e-4)
@@ -50,18 +48,15 @@ GAINS = (("reward_gain", "total gain (1:1:1)"), ("ta_gain", "TA gain"), ("vq_gai
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from mmalign.flow.proof import add_world_arguments
+
     parser.add_argument("--out", default="runs/bench-toy-video-sweep", help="output folder")
-    parser.add_argument("--base", default=str(BASE_MODEL), help="base pipeline folder (default: assets/toy/video)")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {METHODS}")
     parser.add_argument("--seeds", type=int, default=3, help="held-out seeds of each chosen setting (default 3)")
-    parser.add_argument("--pairs", type=int, default=480, help="annotator-labelled pairs of base clips")
     parser.add_argument("--val-prompts", type=int, default=240, help="validation split size (settings are chosen "
                                                                      "on it)")
     parser.add_argument("--eval-prompts", type=int, default=240, help="held-out split size (reported)")
-    parser.add_argument("--sample-steps", type=int, default=20, help="Euler steps of every generated clip")
-    parser.add_argument("--rm-steps", type=int, default=RM_RECIPE["train"]["max_steps"])
-    parser.add_argument("--online-steps", type=int, default=60, help="optimizer steps of the online method")
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    add_world_arguments(parser)
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="override the shared offline recipe of every method (e.g. train.max_steps=100)")
 
@@ -107,7 +102,7 @@ def sweep(out: Path, base: str, methods: list[str], n_seeds: int, n_pairs: int, 
     from mmalign.toy.bench import plot
     from mmalign.toy.sweep import ModelPasses, choose_and_report, markdown_tables, plot_compute, setting_name, \
         summarize
-    from mmalign.toy.video import save_clip_gif, save_clip_strip, video_prompt_seed_pairs
+    from mmalign.toy.video import video_prompt_seed_pairs
     from mmalign.toy.video_pipeline import ToyVideoPipeline
     from mmalign.train.trainer import train
 
@@ -124,32 +119,8 @@ def sweep(out: Path, base: str, methods: list[str], n_seeds: int, n_pairs: int, 
     stamp.write_text(json.dumps(settings, indent=2) + "\n")
 
     pipe = ToyVideoPipeline.from_pretrained(base)
-    info_path = data / "data.json"
-    if info_path.is_file():
-        info = json.loads(info_path.read_text())
-    else:
-        t0 = time.perf_counter()
-        info = {"train": proof.write_pairs(data / "pairs", pipe, n_pairs, steps, "train", 0, progress)}
-        info["train"]["seconds"] = round(time.perf_counter() - t0, 1)
-        if "online_learned" in methods:
-            info["heldout_rm"] = proof.write_pairs(data / "rm_heldout", pipe, max(60, n_pairs // 4), steps,
-                                                   "heldout", 1, progress)
-        info_path.write_text(json.dumps(info, indent=2) + "\n")
-    prompts_file.write_text("\n".join(p for p, _ in video_prompt_seed_pairs("train", 60)) + "\n")
+    info, rm = proof.prepare_data(out, pipe, n_pairs, steps, rm_steps, "online_learned" in methods, progress)
     pool_passes = 2 * n_pairs * steps
-    rm = None
-    if "online_learned" in methods:
-        if "heldout_rm" not in info:
-            info["heldout_rm"] = proof.write_pairs(data / "rm_heldout", pipe, max(60, n_pairs // 4), steps,
-                                                   "heldout", 1, progress)
-        if "reward_model" not in info:
-            t0 = time.perf_counter()
-            folder = proof.train_reward_model(out / "reward_model_run", data / "pairs", rm_steps, n_pairs, progress)
-            info["reward_model"] = {"folder": folder, "seconds": round(time.perf_counter() - t0, 1),
-                                    "heldout_accuracy": proof.reward_model_accuracy(folder, data / "rm_heldout")}
-            print(f"learned video reward model: held-out accuracy {info['reward_model']['heldout_accuracy']}")
-        info_path.write_text(json.dumps(info, indent=2) + "\n")
-        rm = info["reward_model"]["folder"]
 
     splits = {}
     for split, n in (("val", n_val), ("heldout", n_eval)):
@@ -221,10 +192,6 @@ def sweep(out: Path, base: str, methods: list[str], n_seeds: int, n_pairs: int, 
     best = max(summary, key=lambda m: summary[m]["reward_gain"][0])
     lora = next(r["lora"] for r in heldout if r["method"] == best and r["seed"] == 0)
     best_clips = np.load(Path(lora).parent / "clips_heldout.npy")
-    k = len(best_clips)
-    both = np.stack([base_heldout[:k], best_clips], 1).reshape(2 * k, *best_clips.shape[1:])
-    save_clip_gif(both, str(out / "samples.gif"), ncol=8, scale=3)
-    save_clip_strip(both, str(out / "samples.png"), scale=3,
-                    captions=[f"{'base' if j % 2 == 0 else best}: {prompts[j // 2]}" for j in range(2 * k)])
+    proof.save_samples(out, base_heldout, best_clips, prompts, best, strip=2 * len(best_clips))
     report["table"] = table
     return report
