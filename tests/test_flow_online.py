@@ -27,16 +27,6 @@ def clip_redness(videos, prompts):
 clip_redness.modality = "video"
 
 
-@pytest.fixture(scope="module")
-def toy_video(tmp_path_factory):
-    from mmalign.toy.video_pipeline import build_toy_video
-
-    folder = tmp_path_factory.mktemp("toy_video")
-    build_toy_video(seed=0, num_heads=2, head_dim=8, num_layers=1, ffn_dim=16, text_width=16,
-                    shift=3.0).save_pretrained(folder)
-    return str(folder)
-
-
 class _FixedScores(torch.nn.Module):
     """A scorer that returns a given table and records what it scored."""
 

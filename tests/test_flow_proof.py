@@ -8,19 +8,9 @@ import pytest
 from mmalign.cli import main
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    from mmalign.toy.video_pipeline import build_toy_video
-
-    folder = tmp_path_factory.mktemp("toy_video_base")
-    build_toy_video(seed=0, num_heads=2, head_dim=8, num_layers=1, ffn_dim=16, text_width=16,
-                    shift=3.0).save_pretrained(folder)
-    return str(folder)
-
-
-def test_bench_toy_video_runs_every_stage_and_reuses_finished_ones(base, tmp_path, capsys):
+def test_bench_toy_video_runs_every_stage_and_reuses_finished_ones(toy_video, tmp_path, capsys):
     out = tmp_path / "bench"
-    args = ["bench", "toy-video", "--out", str(out), "--base", base, "--conditions",
+    args = ["bench", "toy-video", "--out", str(out), "--base", toy_video, "--conditions",
             "flow_dpo,flow_rwr,online_learned", "--seeds", "1", "--pairs", "12", "--eval-prompts", "6",
             "--sample-steps", "3", "--rm-steps", "2", "--online-steps", "2", "--no-progress", "train.max_steps=2"]
     assert main(args) == 0

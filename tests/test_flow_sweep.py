@@ -12,16 +12,6 @@ import pytest
 from mmalign.cli import main
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    from mmalign.toy.video_pipeline import build_toy_video
-
-    folder = tmp_path_factory.mktemp("toy_video_base")
-    build_toy_video(seed=0, num_heads=2, head_dim=8, num_layers=1, ffn_dim=16, text_width=16,
-                    shift=3.0).save_pretrained(folder)
-    return str(folder)
-
-
 def test_video_splits_never_share_a_seed_and_cycle_all_prompts():
     from mmalign.toy.video import all_video_prompts, video_prompt_seed_pairs
 
@@ -48,11 +38,11 @@ def test_model_passes_counts_only_the_named_classes():
     assert (passes.grad, passes.no_grad, passes.forward_equivalents) == (3, 2, 2 + 9)
 
 
-def test_tiny_video_sweep_chooses_on_validation_and_reports_held_out_seeds(base, tmp_path):
+def test_tiny_video_sweep_chooses_on_validation_and_reports_held_out_seeds(toy_video, tmp_path):
     from mmalign.flow.sweep import LRS
 
     out = tmp_path / "sweep"
-    args = ["bench", "toy-video-sweep", "--out", str(out), "--base", base, "--methods", "sft,flow_rwr",
+    args = ["bench", "toy-video-sweep", "--out", str(out), "--base", toy_video, "--methods", "sft,flow_rwr",
             "--seeds", "2", "--pairs", "8", "--val-prompts", "4", "--eval-prompts", "5", "--sample-steps", "3",
             "--no-progress", "train.max_steps=2", "train.batch_size=2"]
     assert main(args) == 0
